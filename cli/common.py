@@ -1,0 +1,64 @@
+"""Shared CLI plumbing: global options, output, and error-to-exit-code mapping."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+import typer
+
+from usbipx.errors import UsbipError
+from usbipx.net import USBIP_PORT
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass
+class State:
+    """Global options, stored on the typer context object."""
+
+    debug: bool = False
+    json: bool = False
+    tcp_port: int = USBIP_PORT
+    root: str = "/"
+
+
+def state(ctx: typer.Context) -> State:
+    """The :class:`State` of this invocation (defaults when run without the callback)."""
+    obj = ctx.find_root().obj
+    if not isinstance(obj, State):
+        obj = State()
+        ctx.find_root().obj = obj
+    return obj
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print ``usbipx: error: message`` on stderr; return the Exit to raise."""
+    typer.echo(f"usbipx: error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
+    """Turn usbipx errors into a one-line reason and the error's exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except UsbipError as exc:
+            raise fail(str(exc), exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted", 130) from None
+
+    return wrapper
+
+
+def emit_json(data: Any) -> None:
+    """Write ``data`` as indented JSON on stdout."""
+    json.dump(data, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")

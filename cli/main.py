@@ -1,0 +1,49 @@
+"""The ``usbipx`` command: global options and the command groups."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+from usbipx.cli.common import State
+
+from usbipx import log
+
+app = typer.Typer(
+    name="usbipx",
+    help="USB/IP tools: import and export USB devices over TCP, provision usbip-vudc gadgets.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    debug: bool = typer.Option(False, "--debug", "-D", help="Log debug messages."),
+    json_out: bool = typer.Option(False, "--json", help="Print results as JSON."),
+    tcp_port: int = typer.Option(
+        3240, "--tcp-port", "-t", min=1, max=65535, help="TCP port of usbipd/usbipa."
+    ),
+) -> None:
+    """Global options apply to every command."""
+    # USBIPX_ROOT lets tests run the CLI against a fake sysfs tree.
+    ctx.obj = State(debug=debug, json=json_out, tcp_port=tcp_port,
+                    root=os.environ.get("USBIPX_ROOT", "/"))
+    log.configure(debug)
+
+
+def _register() -> None:
+    from usbipx.cli import gadget
+
+    app.add_typer(gadget.app, name="gadget")
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,100 @@
+"""TCP transports: connecting, tuning sockets for the kernel, and one request/reply.
+
+Once a socket is handed to the kernel (``usbip_sockfd`` or vhci ``attach``)
+userspace can no longer set options on it, and the kernel only notices a dead
+peer through TCP itself.  So every socket gets TCP_NODELAY (URBs are small
+and latency-bound), SO_KEEPALIVE with short probe timers, and
+TCP_USER_TIMEOUT (unacknowledged data) *before* the handoff: a dead link is
+detected in seconds, not after the two-hour keepalive default.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from usbipx.errors import ProtocolError, UsbipError
+from usbipx.protocol import Reply, ReplyDecoder, Request
+
+USBIP_PORT = 3240
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """Dead-peer detection timers applied to every USB/IP socket.
+
+    With the defaults an idle link is probed after 5 s, every 3 s, and given
+    up after 3 unanswered probes (14 s); data left unacknowledged for 15 s
+    aborts the connection too.  Both stay under 20 s.
+    """
+
+    idle: int = 5
+    interval: int = 3
+    count: int = 3
+    user_timeout_ms: int = 15000
+
+    def __post_init__(self) -> None:
+        if min(self.idle, self.interval, self.count) < 1 or self.user_timeout_ms < 0:
+            raise ValueError("keepalive idle/interval/count must be >= 1 and user timeout >= 0")
+
+    @property
+    def detect_seconds(self) -> float:
+        """Worst-case time to notice a dead idle peer."""
+        return self.idle + self.interval * self.count
+
+
+DEFAULT_KEEPALIVE = Keepalive()
+
+
+def tune_socket(sock: socket.socket, keepalive: Keepalive = DEFAULT_KEEPALIVE) -> None:
+    """Set TCP_NODELAY, SO_KEEPALIVE, keepalive timers and TCP_USER_TIMEOUT on ``sock``."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return  # AF_UNIX relays (e.g. a tunnel) have no TCP options
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive.idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, keepalive.interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, keepalive.count)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, keepalive.user_timeout_ms)
+
+
+def connect(host: str, port: int = USBIP_PORT, timeout: float = 10.0,
+            keepalive: Keepalive = DEFAULT_KEEPALIVE) -> socket.socket:
+    """Open a tuned, blocking TCP connection to ``host:port`` (IPv4 or IPv6)."""
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except socket.gaierror as exc:
+        raise UsbipError(f"cannot resolve {host}: {exc.strerror}") from exc
+    except OSError as exc:
+        raise UsbipError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
+    try:
+        tune_socket(sock, keepalive)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def request(sock: socket.socket, req: Request, timeout: float = 10.0) -> Reply:
+    """Send ``req`` and read exactly its reply, not one byte more.
+
+    The bytes after the reply belong to the kernel (URB traffic), so the
+    reply is read with exact-size ``recv`` calls driven by the decoder.
+    """
+    sock.settimeout(timeout)
+    try:
+        sock.sendall(req.pack())
+        dec = ReplyDecoder(req)
+        while (rep := dec.next_event()) is None:
+            chunk = sock.recv(dec.needed())
+            if not chunk:
+                raise ProtocolError("connection closed by peer before the reply was complete")
+            dec.receive_data(chunk)
+    except TimeoutError as exc:
+        raise UsbipError(f"no reply from peer within {timeout:.0f} s") from exc
+    except OSError as exc:
+        raise UsbipError(f"connection failed: {exc.strerror or exc}") from exc
+    finally:
+        # The kernel expects a blocking socket.
+        sock.settimeout(None)
+    return rep

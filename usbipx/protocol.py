@@ -1,0 +1,568 @@
+"""The USB/IP operation protocol as a sans-IO codec: bytes in, PDUs out.
+
+Every PDU starts with the 8-byte operation header (``version``, ``code``,
+``status``, all big-endian).  The bodies:
+
+========================  ===========================================================
+OP_REQ_DEVLIST  0x8005    nothing
+OP_REP_DEVLIST  0x0005    u32 count, then per device a 312-byte device record and
+                          ``bNumInterfaces`` 4-byte interface records
+OP_REQ_IMPORT   0x8003    32-byte bus id
+OP_REP_IMPORT   0x0003    312-byte device record (only when status is ST_OK)
+OP_REQ_EXPORT   0x8006    312-byte device record
+OP_REP_EXPORT   0x0006    nothing
+OP_REQ_UNEXPORT 0x8007    312-byte device record
+OP_REP_UNEXPORT 0x0007    nothing
+========================  ===========================================================
+
+A reply whose status is not ST_OK carries no body (as Linux's ``usbipd``
+sends it).  Nothing here touches a socket: :class:`RequestDecoder` and
+:class:`ReplyDecoder` take bytes and yield PDUs, and :meth:`needed` says how
+many more bytes the next PDU needs so that callers never read past a PDU: the
+rest of the stream belongs to the kernel once the socket is handed over.
+
+Every field from the wire is validated before it is returned: version, op
+code, status, NUL-terminated strings of the expected characters, a known
+speed and bounded counts.  Anything else raises :class:`ProtocolError`.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import ClassVar, TypeAlias
+
+from usbipx.errors import ProtocolError, ValidationError
+
+USBIP_VERSION = 0x0111
+
+OP_REQUEST = 0x80 << 8
+OP_REPLY = 0x00 << 8
+OP_IMPORT = 0x03
+OP_DEVLIST = 0x05
+OP_EXPORT = 0x06
+OP_UNEXPORT = 0x07
+
+OP_REQ_IMPORT = OP_REQUEST | OP_IMPORT
+OP_REP_IMPORT = OP_REPLY | OP_IMPORT
+OP_REQ_DEVLIST = OP_REQUEST | OP_DEVLIST
+OP_REP_DEVLIST = OP_REPLY | OP_DEVLIST
+OP_REQ_EXPORT = OP_REQUEST | OP_EXPORT
+OP_REP_EXPORT = OP_REPLY | OP_EXPORT
+OP_REQ_UNEXPORT = OP_REQUEST | OP_UNEXPORT
+OP_REP_UNEXPORT = OP_REPLY | OP_UNEXPORT
+
+SYSFS_PATH_MAX = 256
+SYSFS_BUS_ID_SIZE = 32
+HEADER_SIZE = 8
+DEVICE_SIZE = 312
+INTERFACE_SIZE = 4
+MAX_INTERFACES = 32
+MAX_DEVICES = 1024
+"""Most devices accepted in one DEVLIST reply (a kernel has 8 x 15 usbip ports per kind)."""
+
+_HEADER = struct.Struct(">HHI")
+_DEVICE = struct.Struct(">256s32sIII3H6B")
+_INTERFACE = struct.Struct(">BBBx")
+_COUNT = struct.Struct(">I")
+assert _DEVICE.size == DEVICE_SIZE and _INTERFACE.size == INTERFACE_SIZE
+
+# Bus ids as the kernel names USB devices (1-1, 3-1.4.2) and vUDC instances.
+_BUSID_RE = re.compile(r"^(?:[0-9]{1,3}-[0-9]{1,3}(?:\.[0-9]{1,3}){0,5}|usbip-vudc\.[0-9]{1,4})$")
+_PATH_RE = re.compile(r"^[A-Za-z0-9/._:+-]*$")
+
+
+class Status(IntEnum):
+    """Operation status codes, as mainline's ``usbip_common.h`` names them."""
+
+    ST_OK = 0
+    ST_NA = 1
+    ST_DEV_BUSY = 2
+    ST_DEV_ERR = 3
+    ST_NODEV = 4
+    ST_ERROR = 5
+
+
+_STATUS_TEXT = {
+    Status.ST_OK: "request completed successfully",
+    Status.ST_NA: "request refused (not allowed or not available)",
+    Status.ST_DEV_BUSY: "device busy (exported or no free port)",
+    Status.ST_DEV_ERR: "device in error state",
+    Status.ST_NODEV: "device not found",
+    Status.ST_ERROR: "unexpected response",
+}
+
+
+def status_text(status: int) -> str:
+    """The status code in words, e.g. ``ST_NODEV: device not found``."""
+    try:
+        st = Status(status)
+    except ValueError:
+        return f"unknown status {status}"
+    return f"{st.name}: {_STATUS_TEXT[st]}"
+
+
+class Speed(IntEnum):
+    """``enum usb_device_speed`` of the kernel."""
+
+    UNKNOWN = 0
+    LOW = 1
+    FULL = 2
+    HIGH = 3
+    WIRELESS = 4
+    SUPER = 5
+    SUPER_PLUS = 6
+
+    @property
+    def label(self) -> str:
+        """Human name with the signalling rate, as ``usbip port`` prints it."""
+        return _SPEED_LABEL[self]
+
+
+_SPEED_LABEL = {
+    Speed.UNKNOWN: "Unknown Speed",
+    Speed.LOW: "Low Speed(1.5Mbps)",
+    Speed.FULL: "Full Speed(12Mbps)",
+    Speed.HIGH: "High Speed(480Mbps)",
+    Speed.WIRELESS: "Wireless",
+    Speed.SUPER: "Super Speed(5000Mbps)",
+    Speed.SUPER_PLUS: "Super Speed Plus(10000Mbps)",
+}
+
+
+def validate_busid(busid: str) -> str:
+    """Return ``busid`` if it names a USB device (``1-1.2``) or a vUDC (``usbip-vudc.0``)."""
+    if not _BUSID_RE.match(busid):
+        raise ValidationError(
+            f"bad bus id {busid!r}: expected a USB bus id like 1-1 or 1-1.2, "
+            "or a vUDC like usbip-vudc.0"
+        )
+    return busid
+
+
+def is_vudc_busid(busid: str) -> bool:
+    """Whether ``busid`` names a usbip-vudc instance rather than a USB device."""
+    return busid.startswith("usbip-vudc.")
+
+
+def _check_int(name: str, value: int, bits: int) -> None:
+    if not 0 <= value < (1 << bits):
+        raise ValidationError(f"{name} {value} does not fit in {bits} bits")
+
+
+def _decode_cstr(raw: bytes, what: str, pattern: re.Pattern[str]) -> str:
+    nul = raw.find(b"\0")
+    if nul < 0:
+        raise ProtocolError(f"{what} is not NUL-terminated")
+    try:
+        text = raw[:nul].decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"{what} has non-ASCII bytes") from exc
+    if not pattern.match(text):
+        raise ProtocolError(f"{what} {text!r} has unexpected characters")
+    return text
+
+
+@dataclass(frozen=True)
+class UsbInterface:
+    """``struct usbip_usb_interface``: class, subclass and protocol of an interface."""
+
+    interface_class: int
+    interface_subclass: int
+    interface_protocol: int
+
+    SIZE: ClassVar[int] = INTERFACE_SIZE
+
+    def __post_init__(self) -> None:
+        _check_int("bInterfaceClass", self.interface_class, 8)
+        _check_int("bInterfaceSubClass", self.interface_subclass, 8)
+        _check_int("bInterfaceProtocol", self.interface_protocol, 8)
+
+    def pack(self) -> bytes:
+        return _INTERFACE.pack(self.interface_class, self.interface_subclass,
+                               self.interface_protocol)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> UsbInterface:
+        if len(data) != INTERFACE_SIZE:
+            raise ProtocolError(f"interface record is {len(data)} bytes, not {INTERFACE_SIZE}")
+        return cls(*_INTERFACE.unpack(data))
+
+
+@dataclass(frozen=True)
+class UsbDevice:
+    """``struct usbip_usb_device``: the 312-byte record describing one device.
+
+    ``busid`` must be a valid bus id (see :func:`validate_busid`); ``path`` is
+    the device's sysfs path on its own host, informational only.
+    """
+
+    path: str
+    busid: str
+    busnum: int
+    devnum: int
+    speed: Speed
+    id_vendor: int
+    id_product: int
+    bcd_device: int
+    device_class: int = 0
+    device_subclass: int = 0
+    device_protocol: int = 0
+    configuration_value: int = 0
+    num_configurations: int = 1
+    num_interfaces: int = 0
+
+    SIZE: ClassVar[int] = DEVICE_SIZE
+
+    def __post_init__(self) -> None:
+        validate_busid(self.busid)
+        if len(self.path) >= SYSFS_PATH_MAX or not _PATH_RE.match(self.path):
+            raise ValidationError(f"bad device path {self.path!r}")
+        try:
+            Speed(self.speed)
+        except ValueError:
+            raise ValidationError(f"unknown USB speed {self.speed}") from None
+        object.__setattr__(self, "speed", Speed(self.speed))
+        for name, bits in (("busnum", 32), ("devnum", 32), ("idVendor", 16), ("idProduct", 16),
+                           ("bcdDevice", 16), ("bDeviceClass", 8), ("bDeviceSubClass", 8),
+                           ("bDeviceProtocol", 8), ("bConfigurationValue", 8),
+                           ("bNumConfigurations", 8), ("bNumInterfaces", 8)):
+            _check_int(name, getattr(self, _FIELD_OF[name]), bits)
+        if self.num_interfaces > MAX_INTERFACES:
+            raise ValidationError(f"bNumInterfaces {self.num_interfaces} exceeds {MAX_INTERFACES}")
+
+    @property
+    def devid(self) -> int:
+        """``busnum << 16 | devnum``, the id vhci_hcd's ``attach`` takes."""
+        return (self.busnum << 16) | self.devnum
+
+    def pack(self) -> bytes:
+        return _DEVICE.pack(
+            self.path.encode(), self.busid.encode(), self.busnum, self.devnum, int(self.speed),
+            self.id_vendor, self.id_product, self.bcd_device, self.device_class,
+            self.device_subclass, self.device_protocol, self.configuration_value,
+            self.num_configurations, self.num_interfaces,
+        )
+
+    @classmethod
+    def unpack(cls, data: bytes) -> UsbDevice:
+        """Decode and validate one record; raises :class:`ProtocolError`."""
+        if len(data) != DEVICE_SIZE:
+            raise ProtocolError(f"device record is {len(data)} bytes, not {DEVICE_SIZE}")
+        (path, busid, busnum, devnum, speed, vendor, product, bcd, dclass, dsub, dproto,
+         cfg, ncfg, nif) = _DEVICE.unpack(data)
+        path_s = _decode_cstr(path, "device path", _PATH_RE)
+        busid_s = _decode_cstr(busid, "bus id", re.compile(r"^[A-Za-z0-9._:-]*$"))
+        try:
+            return cls(path_s, busid_s, busnum, devnum, speed, vendor, product, bcd, dclass,
+                       dsub, dproto, cfg, ncfg, nif)
+        except ValidationError as exc:
+            raise ProtocolError(f"bad device record: {exc}") from exc
+
+
+_FIELD_OF = {
+    "busnum": "busnum", "devnum": "devnum", "idVendor": "id_vendor", "idProduct": "id_product",
+    "bcdDevice": "bcd_device", "bDeviceClass": "device_class",
+    "bDeviceSubClass": "device_subclass", "bDeviceProtocol": "device_protocol",
+    "bConfigurationValue": "configuration_value", "bNumConfigurations": "num_configurations",
+    "bNumInterfaces": "num_interfaces",
+}
+
+
+@dataclass(frozen=True)
+class ExportableDevice:
+    """One entry of a DEVLIST reply: a device and its interface records."""
+
+    device: UsbDevice
+    interfaces: tuple[UsbInterface, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.interfaces) != self.device.num_interfaces:
+            raise ValidationError(
+                f"{self.device.busid}: {len(self.interfaces)} interface records for "
+                f"bNumInterfaces {self.device.num_interfaces}"
+            )
+
+
+def _header(code: int, status: int = Status.ST_OK) -> bytes:
+    return _HEADER.pack(USBIP_VERSION, code, status)
+
+
+@dataclass(frozen=True)
+class DevlistRequest:
+    """OP_REQ_DEVLIST: ask a usbipd for its exportable devices."""
+
+    CODE: ClassVar[int] = OP_REQ_DEVLIST
+
+    def pack(self) -> bytes:
+        return _header(self.CODE)
+
+
+@dataclass(frozen=True)
+class DevlistReply:
+    """OP_REP_DEVLIST: the exportable devices."""
+
+    devices: tuple[ExportableDevice, ...] = ()
+    status: Status = Status.ST_OK
+
+    CODE: ClassVar[int] = OP_REP_DEVLIST
+
+    def pack(self) -> bytes:
+        if self.status != Status.ST_OK:
+            return _header(self.CODE, self.status)
+        parts = [_header(self.CODE), _COUNT.pack(len(self.devices))]
+        for d in self.devices:
+            parts.append(d.device.pack())
+            parts.extend(i.pack() for i in d.interfaces)
+        return b"".join(parts)
+
+
+@dataclass(frozen=True)
+class ImportRequest:
+    """OP_REQ_IMPORT: attach the device ``busid`` of a usbipd."""
+
+    busid: str
+
+    CODE: ClassVar[int] = OP_REQ_IMPORT
+
+    def __post_init__(self) -> None:
+        validate_busid(self.busid)
+
+    def pack(self) -> bytes:
+        return _header(self.CODE) + struct.pack(">32s", self.busid.encode())
+
+
+@dataclass(frozen=True)
+class ImportReply:
+    """OP_REP_IMPORT: the device record on ST_OK, nothing otherwise."""
+
+    status: Status
+    device: UsbDevice | None = None
+
+    CODE: ClassVar[int] = OP_REP_IMPORT
+
+    def __post_init__(self) -> None:
+        if (self.status == Status.ST_OK) != (self.device is not None):
+            raise ValidationError("an import reply carries a device exactly when it is ST_OK")
+
+    def pack(self) -> bytes:
+        body = self.device.pack() if self.device is not None else b""
+        return _header(self.CODE, self.status) + body
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """OP_REQ_EXPORT: the device side offers ``device`` to a usbipa."""
+
+    device: UsbDevice
+
+    CODE: ClassVar[int] = OP_REQ_EXPORT
+
+    def pack(self) -> bytes:
+        return _header(self.CODE) + self.device.pack()
+
+
+@dataclass(frozen=True)
+class UnexportRequest:
+    """OP_REQ_UNEXPORT: the device side withdraws ``device`` from a usbipa."""
+
+    device: UsbDevice
+
+    CODE: ClassVar[int] = OP_REQ_UNEXPORT
+
+    def pack(self) -> bytes:
+        return _header(self.CODE) + self.device.pack()
+
+
+@dataclass(frozen=True)
+class ExportReply:
+    """OP_REP_EXPORT: status only."""
+
+    status: Status = Status.ST_OK
+
+    CODE: ClassVar[int] = OP_REP_EXPORT
+
+    def pack(self) -> bytes:
+        return _header(self.CODE, self.status)
+
+
+@dataclass(frozen=True)
+class UnexportReply:
+    """OP_REP_UNEXPORT: status only."""
+
+    status: Status = Status.ST_OK
+
+    CODE: ClassVar[int] = OP_REP_UNEXPORT
+
+    def pack(self) -> bytes:
+        return _header(self.CODE, self.status)
+
+
+Request: TypeAlias = DevlistRequest | ImportRequest | ExportRequest | UnexportRequest
+Reply: TypeAlias = DevlistReply | ImportReply | ExportReply | UnexportReply
+
+REQUEST_TYPES: dict[int, type[Request]] = {
+    t.CODE: t for t in (DevlistRequest, ImportRequest, ExportRequest, UnexportRequest)
+}
+REPLY_TYPES: dict[int, type[Reply]] = {
+    t.CODE: t for t in (DevlistReply, ImportReply, ExportReply, UnexportReply)
+}
+
+
+class _Short(Exception):
+    """Internal: the buffer ends before the PDU does; ``total`` bytes are needed."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+
+
+def _take(buf: bytes | bytearray, start: int, size: int) -> bytes:
+    end = start + size
+    if len(buf) < end:
+        raise _Short(end)
+    return bytes(buf[start:end])
+
+
+def _parse_header(buf: bytes | bytearray) -> tuple[int, int]:
+    version, code, status = _HEADER.unpack(_take(buf, 0, HEADER_SIZE))
+    if version != USBIP_VERSION:
+        raise ProtocolError(f"unsupported USB/IP version 0x{version:04x} (want 0x0111)")
+    return code, status
+
+
+def _parse_request(buf: bytes | bytearray) -> tuple[Request, int]:
+    code, status = _parse_header(buf)
+    if code not in REQUEST_TYPES:
+        raise ProtocolError(f"unknown request code 0x{code:04x}")
+    if status != 0:
+        raise ProtocolError(f"request 0x{code:04x} carries status {status}, not 0")
+    if code == OP_REQ_DEVLIST:
+        return DevlistRequest(), HEADER_SIZE
+    if code == OP_REQ_IMPORT:
+        raw = _take(buf, HEADER_SIZE, SYSFS_BUS_ID_SIZE)
+        busid = _decode_cstr(raw, "bus id", re.compile(r"^[A-Za-z0-9._:-]*$"))
+        try:
+            return ImportRequest(busid), HEADER_SIZE + SYSFS_BUS_ID_SIZE
+        except ValidationError as exc:
+            raise ProtocolError(str(exc)) from exc
+    dev = UsbDevice.unpack(_take(buf, HEADER_SIZE, DEVICE_SIZE))
+    req: Request = ExportRequest(dev) if code == OP_REQ_EXPORT else UnexportRequest(dev)
+    return req, HEADER_SIZE + DEVICE_SIZE
+
+
+def _parse_reply(expect: int, buf: bytes | bytearray) -> tuple[Reply, int]:
+    code, raw_status = _parse_header(buf)
+    if code != expect:
+        raise ProtocolError(f"reply code 0x{code:04x}, expected 0x{expect:04x}")
+    try:
+        status = Status(raw_status)
+    except ValueError:
+        raise ProtocolError(f"unknown status {raw_status} in reply 0x{code:04x}") from None
+    if code == OP_REP_EXPORT:
+        return ExportReply(status), HEADER_SIZE
+    if code == OP_REP_UNEXPORT:
+        return UnexportReply(status), HEADER_SIZE
+    if code == OP_REP_IMPORT:
+        if status != Status.ST_OK:
+            return ImportReply(status), HEADER_SIZE
+        dev = UsbDevice.unpack(_take(buf, HEADER_SIZE, DEVICE_SIZE))
+        return ImportReply(status, dev), HEADER_SIZE + DEVICE_SIZE
+    # OP_REP_DEVLIST
+    if status != Status.ST_OK:
+        return DevlistReply((), status), HEADER_SIZE
+    (count,) = _COUNT.unpack(_take(buf, HEADER_SIZE, 4))
+    if count > MAX_DEVICES:
+        raise ProtocolError(f"device list of {count} devices exceeds {MAX_DEVICES}")
+    pos = HEADER_SIZE + 4
+    devices = []
+    for _ in range(count):
+        dev = UsbDevice.unpack(_take(buf, pos, DEVICE_SIZE))
+        pos += DEVICE_SIZE
+        ifaces = []
+        for _ in range(dev.num_interfaces):
+            ifaces.append(UsbInterface.unpack(_take(buf, pos, INTERFACE_SIZE)))
+            pos += INTERFACE_SIZE
+        devices.append(ExportableDevice(dev, tuple(ifaces)))
+    return DevlistReply(tuple(devices)), pos
+
+
+@dataclass
+class _Decoder:
+    _buf: bytearray = field(default_factory=bytearray)
+    _need: int = HEADER_SIZE
+
+    def receive_data(self, data: bytes) -> None:
+        """Append bytes received from the peer."""
+        self._buf += data
+
+    def needed(self) -> int:
+        """Bytes still missing before the next PDU is complete (0 if it is)."""
+        return max(self._need - len(self._buf), 0)
+
+    @property
+    def unconsumed(self) -> bytes:
+        """Bytes received beyond the PDUs returned so far."""
+        return bytes(self._buf)
+
+
+class RequestDecoder(_Decoder):
+    """Server side: turns received bytes into request PDUs."""
+
+    def next_event(self) -> Request | None:
+        """The next complete request, or None if more bytes are needed.
+
+        Raises :class:`ProtocolError` as soon as the bytes cannot be a valid request.
+        """
+        try:
+            req, used = _parse_request(self._buf)
+        except _Short as short:
+            self._need = short.total
+            return None
+        del self._buf[:used]
+        self._need = HEADER_SIZE
+        return req
+
+
+class ReplyDecoder(_Decoder):
+    """Client side: turns received bytes into the reply to ``request``."""
+
+    def __init__(self, request: Request) -> None:
+        super().__init__()
+        self.expect = request.CODE & ~OP_REQUEST
+
+    def next_event(self) -> Reply | None:
+        """The reply, or None if more bytes are needed; raises :class:`ProtocolError`."""
+        try:
+            rep, used = _parse_reply(self.expect, self._buf)
+        except _Short as short:
+            self._need = short.total
+            return None
+        del self._buf[:used]
+        self._need = HEADER_SIZE
+        return rep
+
+
+def decode_request(data: bytes) -> Request:
+    """Decode exactly one complete request; trailing or missing bytes are errors."""
+    dec = RequestDecoder()
+    dec.receive_data(data)
+    req = dec.next_event()
+    if req is None:
+        raise ProtocolError(f"truncated request: {len(data)} bytes, need {dec.needed()} more")
+    if dec.unconsumed:
+        raise ProtocolError(f"{len(dec.unconsumed)} bytes after the request")
+    return req
+
+
+def decode_reply(request: Request, data: bytes) -> Reply:
+    """Decode exactly one complete reply to ``request``."""
+    dec = ReplyDecoder(request)
+    dec.receive_data(data)
+    rep = dec.next_event()
+    if rep is None:
+        raise ProtocolError(f"truncated reply: {len(data)} bytes, need {dec.needed()} more")
+    if dec.unconsumed:
+        raise ProtocolError(f"{len(dec.unconsumed)} bytes after the reply")
+    return rep

@@ -1,0 +1,150 @@
+"""Access to the kernel's virtual filesystems under an injectable root.
+
+Every driver in usbipx reaches the kernel through one :class:`Sysfs` object.
+Production code uses ``Sysfs()`` (root ``/``); tests point it at a fake tree
+(pyfakefs or a temporary directory).  Paths are always given relative to the
+root as ``/sys/...``-style strings built from *validated* names; the object
+refuses any path that would escape the root.
+
+Writes follow the kernel tools: ``open(O_WRONLY)`` and a single ``write()``
+of the whole value without a trailing newline, so the kernel sees exactly one
+store call.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path, PurePosixPath
+
+from usbipx.errors import DeviceNotFound, UsbipError, kernel_error
+
+
+class Sysfs:
+    """The kernel-facing filesystem (sysfs, configfs, /var/run) under ``root``."""
+
+    def __init__(self, root: str | os.PathLike[str] = "/") -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"Sysfs(root={str(self.root)!r})"
+
+    def path(self, rel: str | PurePosixPath) -> Path:
+        """Host path of ``rel`` (an absolute path as seen by the kernel)."""
+        p = PurePosixPath(rel)
+        if not p.is_absolute() or ".." in p.parts:
+            raise ValueError(f"unsafe kernel path {str(rel)!r}")
+        return self.root.joinpath(*p.parts[1:])
+
+    def exists(self, rel: str | PurePosixPath) -> bool:
+        """Whether ``rel`` exists (a dangling symlink counts as missing)."""
+        return self.path(rel).exists()
+
+    def is_dir(self, rel: str | PurePosixPath) -> bool:
+        return self.path(rel).is_dir()
+
+    def listdir(self, rel: str | PurePosixPath) -> list[str]:
+        """Sorted entries of a directory; empty if it does not exist."""
+        try:
+            return sorted(os.listdir(self.path(rel)))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise kernel_error(exc, str(rel), "list") from exc
+
+    def read_bytes(self, rel: str | PurePosixPath) -> bytes:
+        """Raw content of an attribute (binary attributes such as ``dev_desc``)."""
+        try:
+            with open(self.path(rel), "rb") as fh:
+                return fh.read()
+        except FileNotFoundError as exc:
+            raise DeviceNotFound(f"{rel} does not exist") from exc
+        except OSError as exc:
+            raise kernel_error(exc, str(rel), "read") from exc
+
+    def read(self, rel: str | PurePosixPath) -> str:
+        """Text of an attribute with surrounding whitespace removed."""
+        return self.read_bytes(rel).decode("utf-8", "replace").strip()
+
+    def read_optional(self, rel: str | PurePosixPath, default: str = "") -> str:
+        """Like :meth:`read` but ``default`` when the attribute is missing or unreadable."""
+        try:
+            return self.read(rel)
+        except UsbipError:
+            return default
+
+    def read_int(self, rel: str | PurePosixPath, base: int = 10, default: int | None = None) -> int:
+        """An integer attribute; ``default`` (if given) when missing or empty."""
+        try:
+            text = self.read(rel)
+        except UsbipError:
+            if default is None:
+                raise
+            return default
+        if not text:
+            if default is None:
+                raise UsbipError(f"{rel} is empty")
+            return default
+        try:
+            return int(text, base)
+        except ValueError as exc:
+            raise UsbipError(f"{rel}: not a number: {text!r}") from exc
+
+    def write(self, rel: str | PurePosixPath, value: str | bytes) -> None:
+        """Store ``value`` with one ``write()``; kernel errors become usbipx errors."""
+        data = value.encode() if isinstance(value, str) else value
+        path = self.path(rel)
+        try:
+            fd = os.open(path, os.O_WRONLY)
+        except FileNotFoundError as exc:
+            raise DeviceNotFound(f"{rel} does not exist") from exc
+        except OSError as exc:
+            raise kernel_error(exc, str(rel)) from exc
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise kernel_error(OSError(errno.EIO, "short write"), str(rel))
+        except OSError as exc:
+            raise kernel_error(exc, str(rel)) from exc
+        finally:
+            os.close(fd)
+
+    def readlink_name(self, rel: str | PurePosixPath) -> str | None:
+        """Last component of a symlink's target (e.g. a device's driver), or None."""
+        try:
+            return os.path.basename(os.readlink(self.path(rel)))
+        except OSError:
+            return None
+
+    def realpath(self, rel: str | PurePosixPath) -> str:
+        """Canonical kernel path of ``rel`` (symlinks resolved), as seen from the root."""
+        real = Path(os.path.realpath(self.path(rel)))
+        try:
+            return "/" + str(real.relative_to(self.root.resolve()))
+        except ValueError:
+            return str(real)
+
+    def mkdir(self, rel: str | PurePosixPath) -> None:
+        try:
+            os.mkdir(self.path(rel))
+        except OSError as exc:
+            raise kernel_error(exc, str(rel), "mkdir") from exc
+
+    def rmdir(self, rel: str | PurePosixPath) -> None:
+        try:
+            os.rmdir(self.path(rel))
+        except OSError as exc:
+            raise kernel_error(exc, str(rel), "rmdir") from exc
+
+    def symlink(self, target: str | PurePosixPath, rel: str | PurePosixPath) -> None:
+        """Create symlink ``rel`` pointing at ``target`` (both kernel paths)."""
+        try:
+            os.symlink(self.path(target), self.path(rel))
+        except OSError as exc:
+            raise kernel_error(exc, str(rel), "link") from exc
+
+    def unlink(self, rel: str | PurePosixPath) -> None:
+        try:
+            os.unlink(self.path(rel))
+        except OSError as exc:
+            raise kernel_error(exc, str(rel), "unlink") from exc
