@@ -13,6 +13,7 @@ import typer
 
 from usbipx.errors import UsbipError
 from usbipx.net import USBIP_PORT
+from usbipx.sysfs import Sysfs
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -26,6 +27,14 @@ class State:
     json: bool = False
     tcp_port: int = USBIP_PORT
     root: str = "/"
+    sysfs: Sysfs | None = None
+    """Injected kernel filesystem (tests); ``Sysfs(root)`` when None."""
+
+    def kernel(self) -> Sysfs:
+        """The :class:`Sysfs` commands act on."""
+        if self.sysfs is None:
+            self.sysfs = Sysfs(self.root)
+        return self.sysfs
 
 
 def state(ctx: typer.Context) -> State:

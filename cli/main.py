@@ -29,9 +29,11 @@ def _global(
     ),
 ) -> None:
     """Global options apply to every command."""
-    # USBIPX_ROOT lets tests run the CLI against a fake sysfs tree.
+    # Tests pass a State with an injected Sysfs as ``obj``, or set
+    # USBIPX_ROOT to run the CLI against a fake tree.
+    injected = ctx.obj.sysfs if isinstance(ctx.obj, State) else None
     ctx.obj = State(debug=debug, json=json_out, tcp_port=tcp_port,
-                    root=os.environ.get("USBIPX_ROOT", "/"))
+                    root=os.environ.get("USBIPX_ROOT", "/"), sysfs=injected)
     log.configure(debug)
 
 

@@ -95,3 +95,12 @@ def kernel_error(exc: OSError, path: str, action: str = "write") -> UsbipError:
     if err in (_errno.EACCES, _errno.EPERM):
         return PermissionDenied(f"{action} {path}: {describe_errno(err)}; are you root?")
     return KernelError(path, err, action)
+
+
+def with_context(exc: UsbipError, context: str) -> UsbipError:
+    """A copy of ``exc`` (same class, exit code and attributes) whose message
+    starts with ``context``; raise it ``from exc``."""
+    new = type(exc).__new__(type(exc))
+    new.__dict__.update(exc.__dict__)
+    new.args = (f"{context}: {exc}",)
+    return new

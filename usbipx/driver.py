@@ -1,0 +1,87 @@
+"""The one device-side driver interface, as the kernel tools' ``usbip_host_driver_ops``.
+
+Two implementations export devices to a peer:
+
+* :class:`usbipx.stubmode.host.HostDriver` -- real USB devices bound to ``usbip-host``;
+* :class:`usbipx.gadget.vudc.VudcDriver` -- gadgets bound to a ``usbip-vudc`` UDC.
+
+Daemons and commands pick one with :func:`device_driver` (``--device`` selects
+vUDC mode) and never care which it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Protocol
+
+from usbipx.protocol import ExportableDevice, UsbDevice, UsbInterface
+from usbipx.sysfs import Sysfs
+
+
+class ExportStatus(IntEnum):
+    """``usbip_status`` of a device-side device (``SDEV_ST_*`` / ``VUDC`` states)."""
+
+    AVAILABLE = 1
+    USED = 2
+    ERROR = 3
+
+
+@dataclass(frozen=True)
+class LocalDevice:
+    """A device of this host as a device-side driver sees it.
+
+    ``driver`` is the kernel driver bound to a USB device (``usb``,
+    ``usbip-host`` ...) or, for a vUDC, the configfs gadget bound to it.
+    ``status`` is ``usbip_status`` when the device is ready for USB/IP.
+    """
+
+    record: UsbDevice
+    interfaces: tuple[UsbInterface, ...] = ()
+    driver: str | None = None
+    status: ExportStatus | None = None
+
+    @property
+    def busid(self) -> str:
+        return self.record.busid
+
+    @property
+    def exportable(self) -> ExportableDevice:
+        """The DEVLIST entry for this device."""
+        return ExportableDevice(self.record, self.interfaces)
+
+
+class DeviceDriver(Protocol):
+    """What usbipd, ``connect`` and the supervisor need from a device-side driver."""
+
+    name: str
+    """Kernel driver name: ``usbip-host`` or ``usbip-vudc``."""
+
+    def check_loaded(self) -> None:
+        """Raise :class:`~usbipx.errors.ModuleNotLoaded` unless the kernel driver is there."""
+
+    def ready_devices(self) -> list[LocalDevice]:
+        """Devices handed to this driver (bound stub / vUDC with a gadget), any status."""
+
+    def get(self, busid: str) -> LocalDevice:
+        """One device by bus id; :class:`~usbipx.errors.DeviceNotFound` if there is none."""
+
+    def handoff(self, busid: str, sockfd: int) -> None:
+        """Give the connected socket ``sockfd`` to the kernel for ``busid``."""
+
+    def shutdown(self, busid: str) -> None:
+        """Make the kernel drop an exported device's connection (``usbip_sockfd`` -1)."""
+
+    def status(self, busid: str) -> ExportStatus:
+        """Current ``usbip_status`` of ``busid``."""
+
+
+def device_driver(sysfs: Sysfs, vudc: bool) -> DeviceDriver:
+    """The stub-mode driver, or the vUDC driver when ``vudc`` (``--device``)."""
+    if vudc:
+        from usbipx.gadget.vudc import VudcDriver
+
+        return VudcDriver(sysfs)
+    from usbipx.stubmode.host import HostDriver
+
+    return HostDriver(sysfs)

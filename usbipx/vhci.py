@@ -1,0 +1,230 @@
+"""Application side: the ``vhci_hcd`` virtual host controllers.
+
+vhci_hcd has ``nports`` ports over up to 8 controllers, each with a
+high-speed and a super-speed root hub.  All its attributes live on
+``vhci_hcd.0``: ``status`` (controller 0) and ``status.1`` ... for the
+others, ``attach`` (``"<port> <sockfd> <devid> <speed>"``) and ``detach``
+(``"<port>"``).  A super-speed device must go to a port of an ``ss`` hub,
+everything else to an ``hs`` one.
+
+Like the C tools, each attachment is recorded in
+``/var/run/vhci_hcd/port<N>`` as ``"<host> <port> <busid>\\n"`` so that both
+``usbipx port`` and Debian's ``usbip port`` can say where a port leads.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from dataclasses import dataclass
+from enum import IntEnum
+
+from loguru import logger
+
+from usbipx.errors import (
+    DeviceNotFound,
+    KernelError,
+    ModuleNotLoaded,
+    NoFreePort,
+    UsbipError,
+    ValidationError,
+    with_context,
+)
+from usbipx.protocol import Speed, UsbDevice, validate_busid
+from usbipx.sysfs import Sysfs
+
+VHCI0 = "/sys/devices/platform/vhci_hcd.0"
+STATE_DIR = "/var/run/vhci_hcd"
+_STATUS_LINE = re.compile(
+    r"^(?P<hub>hs|ss)\s+(?P<port>\d+)\s+(?P<sta>\d+)\s+(?P<spd>\d+)\s+(?P<dev>[0-9a-fA-F]+)"
+    r"\s+(?P<sockfd>\d+)\s+(?P<busid>\S+)\s*$"
+)
+_RECORD_FIELD = re.compile(r"^[A-Za-z0-9._:%\[\]-]{1,255}$")
+
+
+class PortStatus(IntEnum):
+    """``vdev->ud.status`` of a vhci port (``VDEV_ST_*``)."""
+
+    NULL = 4
+    NOTASSIGNED = 5
+    USED = 6
+    ERROR = 7
+
+
+@dataclass(frozen=True)
+class VhciPort:
+    """One line of vhci_hcd's ``status``."""
+
+    port: int
+    hub: str
+    status: PortStatus
+    speed: Speed
+    devid: int
+    sockfd: int
+    local_busid: str
+
+    @property
+    def free(self) -> bool:
+        return self.status == PortStatus.NULL
+
+
+@dataclass(frozen=True)
+class PortRecord:
+    """Where an attached port leads: ``/var/run/vhci_hcd/port<N>``."""
+
+    host: str
+    service: str
+    busid: str
+
+
+@dataclass(frozen=True)
+class ImportedDevice:
+    """A used vhci port with its record (None if no tool recorded it)."""
+
+    port: VhciPort
+    record: PortRecord | None
+
+
+def hub_for(speed: Speed) -> str:
+    """The root hub type a device of ``speed`` must be attached to."""
+    return "ss" if speed >= Speed.SUPER else "hs"
+
+
+class VhciDriver:
+    """vhci_hcd over a :class:`Sysfs` root."""
+
+    def __init__(self, sysfs: Sysfs | None = None) -> None:
+        self.sysfs = sysfs or Sysfs()
+
+    def check_loaded(self) -> None:
+        if not self.sysfs.is_dir(VHCI0):
+            raise ModuleNotLoaded("vhci-hcd")
+
+    def nports(self) -> int:
+        self.check_loaded()
+        return self.sysfs.read_int(f"{VHCI0}/nports")
+
+    def _status_files(self) -> list[str]:
+        files = [f"{VHCI0}/status"]
+        n = 1
+        while self.sysfs.exists(f"{VHCI0}/status.{n}"):
+            files.append(f"{VHCI0}/status.{n}")
+            n += 1
+        return files
+
+    def ports(self) -> list[VhciPort]:
+        """Every port of every controller, in port order."""
+        self.check_loaded()
+        out = []
+        for f in self._status_files():
+            for line in self.sysfs.read(f).splitlines():
+                m = _STATUS_LINE.match(line)
+                if not m:
+                    continue  # the header line
+                try:
+                    status = PortStatus(int(m["sta"]))
+                    speed = Speed(int(m["spd"]))
+                except ValueError as exc:
+                    raise UsbipError(f"{f}: unexpected status line {line!r}") from exc
+                out.append(VhciPort(int(m["port"]), m["hub"], status, speed,
+                                    int(m["dev"], 16), int(m["sockfd"]), m["busid"]))
+        return sorted(out, key=lambda p: p.port)
+
+    def port(self, port: int) -> VhciPort:
+        for p in self.ports():
+            if p.port == port:
+                return p
+        raise DeviceNotFound(f"vhci_hcd has no port {port}")
+
+    def free_port(self, speed: Speed) -> int:
+        """The lowest free port of the hub type ``speed`` needs."""
+        hub = hub_for(speed)
+        for p in self.ports():
+            if p.hub == hub and p.free:
+                return p.port
+        raise NoFreePort(f"no free {hub} port on vhci_hcd for a {speed.label} device")
+
+    def attach(self, sockfd: int, device: UsbDevice, host: str, service: str) -> int:
+        """Attach the device behind connected socket ``sockfd``; return the port.
+
+        Another process may take the port we picked between reading
+        ``status`` and writing ``attach`` (the kernel then answers EBUSY):
+        pick again rather than report a false "no free port".  The port is
+        recorded for ``usbip port``; if recording fails, the port is detached.
+        """
+        if device.speed in (Speed.UNKNOWN, Speed.WIRELESS):
+            raise ValidationError(f"{device.busid}: cannot attach a device of {device.speed.label}")
+        tried: set[int] = set()
+        while True:
+            port = self.free_port(device.speed)
+            if port in tried:
+                raise NoFreePort(f"vhci_hcd port {port} stays busy; giving up")
+            tried.add(port)
+            try:
+                self.sysfs.write(f"{VHCI0}/attach",
+                                 f"{port} {sockfd} {device.devid} {int(device.speed)}")
+            except KernelError as exc:
+                if exc.errno == errno.EBUSY:
+                    logger.debug("vhci port {} taken concurrently; picking another", port)
+                    continue
+                raise with_context(exc, f"attach {device.busid} to vhci port {port}") from exc
+            break
+        try:
+            self.write_record(port, PortRecord(host, service, device.busid))
+        except (UsbipError, OSError) as exc:
+            self.detach(port)
+            raise UsbipError(f"attached to port {port} but could not record it: {exc}") from exc
+        logger.info("attached {} from {} to vhci port {}", device.busid, host, port)
+        return port
+
+    def detach(self, port: int) -> None:
+        """Detach ``port`` and forget its record; error if it is not in use."""
+        p = self.port(port)
+        if p.free:
+            self.remove_record(port)
+            raise DeviceNotFound(f"vhci port {port} is not in use")
+        self.sysfs.write(f"{VHCI0}/detach", str(port))
+        self.remove_record(port)
+        logger.info("detached vhci port {}", port)
+
+    # -- records -----------------------------------------------------------
+
+    def _record_path(self, port: int) -> str:
+        return f"{STATE_DIR}/port{int(port)}"
+
+    def write_record(self, port: int, record: PortRecord) -> None:
+        for value in (record.host, record.service):
+            if not _RECORD_FIELD.match(value):
+                raise ValidationError(f"bad port record field {value!r}")
+        validate_busid(record.busid)
+        state_dir = self.sysfs.path(STATE_DIR)
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        path = self.sysfs.path(self._record_path(port))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(f"{record.host} {record.service} {record.busid}\n")
+        tmp.replace(path)
+
+    def read_record(self, port: int) -> PortRecord | None:
+        try:
+            text = self.sysfs.path(self._record_path(port)).read_text()
+        except OSError:
+            return None
+        parts = text.split()
+        if len(parts) != 3:
+            return None
+        return PortRecord(*parts)
+
+    def remove_record(self, port: int) -> None:
+        self.sysfs.path(self._record_path(port)).unlink(missing_ok=True)
+
+    def imported(self) -> list[ImportedDevice]:
+        """Ports in use, with their records."""
+        return [ImportedDevice(p, self.read_record(p.port)) for p in self.ports() if not p.free]
+
+    def find(self, host: str, busid: str) -> ImportedDevice | None:
+        """The used port whose record says it leads to ``busid`` at ``host``."""
+        for imp in self.imported():
+            if imp.record and imp.record.host == host and imp.record.busid == busid:
+                return imp
+        return None
