@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 import typer
-from usbipx.cli.common import State
 
 from usbipx import log
+from usbipx.cli.common import State
 
 app = typer.Typer(
     name="usbipx",
@@ -15,6 +15,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: rendering it with rich costs more than the command.
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -22,7 +24,7 @@ app = typer.Typer(
 @app.callback()
 def _global(
     ctx: typer.Context,
-    debug: bool = typer.Option(False, "--debug", "-D", help="Log debug messages."),
+    debug: bool = typer.Option(False, "--debug", help="Log debug messages."),
     json_out: bool = typer.Option(False, "--json", help="Print results as JSON."),
     tcp_port: int = typer.Option(
         3240, "--tcp-port", "-t", min=1, max=65535, help="TCP port of usbipd/usbipa."
@@ -38,8 +40,11 @@ def _global(
 
 
 def _register() -> None:
-    from usbipx.cli import gadget
+    from usbipx.cli import daemons, devices, gadget, imports
 
+    devices.register(app)
+    imports.register(app)
+    daemons.register(app)
     app.add_typer(gadget.app, name="gadget")
 
 

@@ -61,7 +61,7 @@ class VudcDriver:
 
     def instances(self) -> list[str]:
         """Names of the vUDC instances (``usbip-vudc.0`` ...), with or without a gadget."""
-        names = [n for n in self.sysfs.listdir(PLATFORM) if _INSTANCE.match(n)]
+        names = [n for n in self.sysfs.listdir(PLATFORM) if _INSTANCE.fullmatch(n)]
         return sorted(names, key=lambda n: int(n.rsplit(".", 1)[1]))
 
     def _checked(self, busid: str) -> str:

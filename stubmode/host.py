@@ -137,7 +137,7 @@ class HostDriver:
         """Every USB device of this host except root hubs, ordered by bus id."""
         out = []
         for name in self.sysfs.listdir(USB_DEVICES):
-            if not _DEVICE_NAME.match(name):
+            if not _DEVICE_NAME.fullmatch(name):
                 continue
             try:
                 out.append(self.read_device(name))
@@ -146,8 +146,18 @@ class HostDriver:
         return sorted(out, key=lambda d: [int(x) for x in re.split(r"[-.]", d.busid)])
 
     def ready_devices(self) -> list[LocalDevice]:
-        """Devices bound to usbip-host."""
-        return [d for d in self.list_devices() if d.driver == STUB_DRIVER]
+        """Devices bound to usbip-host (the driver's directory lists them)."""
+        out = []
+        for name in self.sysfs.listdir(STUB_DIR):
+            if not _DEVICE_NAME.fullmatch(name):
+                continue
+            try:
+                dev = self.read_device(name)
+            except (DeviceNotFound, ValidationError):
+                continue
+            if dev.driver == STUB_DRIVER:
+                out.append(dev)
+        return out
 
     def get(self, busid: str) -> LocalDevice:
         return self.read_device(busid)

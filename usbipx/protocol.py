@@ -134,7 +134,7 @@ _SPEED_LABEL = {
 
 def validate_busid(busid: str) -> str:
     """Return ``busid`` if it names a USB device (``1-1.2``) or a vUDC (``usbip-vudc.0``)."""
-    if not _BUSID_RE.match(busid):
+    if not _BUSID_RE.fullmatch(busid):
         raise ValidationError(
             f"bad bus id {busid!r}: expected a USB bus id like 1-1 or 1-1.2, "
             "or a vUDC like usbip-vudc.0"
@@ -160,7 +160,7 @@ def _decode_cstr(raw: bytes, what: str, pattern: re.Pattern[str]) -> str:
         text = raw[:nul].decode("ascii")
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"{what} has non-ASCII bytes") from exc
-    if not pattern.match(text):
+    if not pattern.fullmatch(text):
         raise ProtocolError(f"{what} {text!r} has unexpected characters")
     return text
 
@@ -218,7 +218,7 @@ class UsbDevice:
 
     def __post_init__(self) -> None:
         validate_busid(self.busid)
-        if len(self.path) >= SYSFS_PATH_MAX or not _PATH_RE.match(self.path):
+        if len(self.path) >= SYSFS_PATH_MAX or not _PATH_RE.fullmatch(self.path):
             raise ValidationError(f"bad device path {self.path!r}")
         try:
             Speed(self.speed)

@@ -14,6 +14,7 @@ Like the C tools, each attachment is recorded in
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -195,7 +196,7 @@ class VhciDriver:
 
     def write_record(self, port: int, record: PortRecord) -> None:
         for value in (record.host, record.service):
-            if not _RECORD_FIELD.match(value):
+            if not _RECORD_FIELD.fullmatch(value):
                 raise ValidationError(f"bad port record field {value!r}")
         validate_busid(record.busid)
         state_dir = self.sysfs.path(STATE_DIR)
@@ -216,7 +217,9 @@ class VhciDriver:
         return PortRecord(*parts)
 
     def remove_record(self, port: int) -> None:
-        self.sysfs.path(self._record_path(port)).unlink(missing_ok=True)
+        # A missing record, or a state directory that is not one, means "no record".
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            self.sysfs.path(self._record_path(port)).unlink()
 
     def imported(self) -> list[ImportedDevice]:
         """Ports in use, with their records."""

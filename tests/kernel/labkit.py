@@ -123,3 +123,106 @@ def block_devices_under(fragment: str) -> list[str]:
 def read_block(dev: str, size: int) -> bytes:
     with open(dev, "rb", buffering=0) as fh:
         return fh.read(size)
+
+
+# -- processes and USB/IP state -------------------------------------------
+
+USBIPX = str(Path(__import__("sys").executable).parent / "usbipx")
+VHCI0 = Path("/sys/devices/platform/vhci_hcd.0")
+STUB = Path("/sys/bus/usb/drivers/usbip-host")
+
+
+def free_tcp_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    import socket
+
+    def up() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+
+    wait_for(up, timeout, what=f"TCP port {port} to listen")
+
+
+class Daemon:
+    """A daemon subprocess (ours or Debian's) listening on a TCP port."""
+
+    def __init__(self, argv: list[str], port: int) -> None:
+        self.argv = argv
+        self.port = port
+        self.log = Path(f"/tmp/daemon-{port}.log")
+        with open(self.log, "w") as out:  # the child keeps its own copy
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_port(port)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"{argv} did not start: {self.output()}") from None
+
+    def output(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def vhci_used_ports() -> list[tuple[int, str]]:
+    """(port, local busid) of every vhci port in use."""
+    out = []
+    for f in sorted(VHCI0.glob("status*")):
+        for line in f.read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[2] != "004":
+                out.append((int(cols[1]), cols[6]))
+    return out
+
+
+def reset_usbip() -> None:
+    """Detach every vhci port, unbind every stub device, remove every gadget."""
+    for port, _ in vhci_used_ports():
+        with contextlib.suppress(OSError):
+            (VHCI0 / "detach").write_text(str(port))
+    for rec in Path("/var/run/vhci_hcd").glob("port*"):
+        rec.unlink()
+    for dev in STUB.iterdir():
+        if dev.is_symlink() and "-" in dev.name:
+            with contextlib.suppress(OSError):
+                (STUB / "unbind").write_text(dev.name)
+            with contextlib.suppress(OSError):
+                (STUB / "match_busid").write_text(f"del {dev.name}")
+            with contextlib.suppress(OSError):
+                (STUB / "rebind").write_text(dev.name)
+    remove_all_gadgets()
+
+
+def driver_of(busid: str) -> str | None:
+    link = Path(f"/sys/bus/usb/devices/{busid}/driver")
+    return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+
+
+def vhci_disk(timeout: float = 30.0) -> str:
+    """The block device that appeared on the vhci side."""
+    devs = wait_for(lambda: block_devices_under("vhci_hcd"), timeout, 0.2,
+                    "a disk on a vhci_hcd port")
+    return devs[0]

@@ -1,0 +1,78 @@
+"""usbipd: the device-side daemon serving DEVLIST and IMPORT.
+
+The handler is a plain function of (request, peer, socket) to an
+:class:`~usbipx.daemon.server.Outcome`; sockets appear only in the server.
+As Linux's usbipd, an import hands the socket to the kernel first and
+replies after, so a failed handoff is reported to the client.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from loguru import logger
+
+from usbipx.daemon.server import Outcome, Peer
+from usbipx.driver import DeviceDriver, ExportStatus
+from usbipx.errors import DeviceNotFound, UsbipError, ValidationError
+from usbipx.protocol import (
+    DevlistReply,
+    DevlistRequest,
+    ExportReply,
+    ExportRequest,
+    ImportReply,
+    ImportRequest,
+    Request,
+    Status,
+    UnexportReply,
+    UnexportRequest,
+)
+
+_STATUS_OF = {ExportStatus.USED: Status.ST_DEV_BUSY, ExportStatus.ERROR: Status.ST_DEV_ERR}
+
+
+class UsbipdHandler:
+    """Answers usbipd requests from the devices of one :class:`DeviceDriver`."""
+
+    def __init__(self, driver: DeviceDriver) -> None:
+        self.driver = driver
+
+    def devlist(self) -> DevlistReply:
+        """Devices ready for export and not in use; in-use ones are hidden."""
+        devs = [d.exportable for d in self.driver.ready_devices()
+                if d.status == ExportStatus.AVAILABLE]
+        return DevlistReply(tuple(devs))
+
+    def import_device(self, req: ImportRequest, peer: Peer, sock: socket.socket) -> Outcome:
+        busid = req.busid
+        try:
+            dev = self.driver.get(busid)
+        except (DeviceNotFound, ValidationError):
+            logger.info("import of {} by {}: no such exportable device", busid, peer.host)
+            return Outcome(ImportReply(Status.ST_NODEV))
+        if dev.status is None:
+            logger.info("import of {} by {}: not bound to {}", busid, peer.host, self.driver.name)
+            return Outcome(ImportReply(Status.ST_NODEV))
+        if dev.status != ExportStatus.AVAILABLE:
+            logger.info("import of {} by {}: device is {}", busid, peer.host,
+                        dev.status.name.lower())
+            return Outcome(ImportReply(_STATUS_OF[dev.status]))
+        try:
+            self.driver.handoff(busid, sock.fileno())
+        except UsbipError as exc:
+            logger.warning("import of {} by {}: handoff failed: {}", busid, peer.host, exc)
+            return Outcome(ImportReply(Status.ST_NA))
+        logger.info("exported {} to {}:{}", busid, peer.host, peer.port)
+        return Outcome(ImportReply(Status.ST_OK, dev.record))
+
+    def __call__(self, req: Request, peer: Peer, sock: socket.socket) -> Outcome:
+        if isinstance(req, DevlistRequest):
+            return Outcome(self.devlist())
+        if isinstance(req, ImportRequest):
+            return self.import_device(req, peer, sock)
+        # Exports go to usbipa, the application-side daemon.
+        logger.info("{} from {} refused: this is usbipd", type(req).__name__, peer.host)
+        if isinstance(req, ExportRequest):
+            return Outcome(ExportReply(Status.ST_NA))
+        assert isinstance(req, UnexportRequest)
+        return Outcome(UnexportReply(Status.ST_NA))

@@ -1,0 +1,334 @@
+"""Foundation on the lab kernel: interop with Debian's usbip/usbipd both ways,
+bind/unbind, detach, errors, and junk at our usbipd.  Data is checked by
+reading the exported disk on the vhci side and comparing it with its file."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import socket
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from labkit import (
+    USBIPX,
+    Daemon,
+    block_devices_under,
+    driver_of,
+    free_tcp_port,
+    make_disk,
+    mass_storage_gadget,
+    read_block,
+    reset_usbip,
+    usb_busid_on_udc,
+    vhci_disk,
+    vhci_used_ports,
+    wait_for,
+)
+
+DISK_MB = 4
+
+
+def usbipx(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run([USBIPX, *args], capture_output=True, text=True, timeout=120, **kw)
+    if check and res.returncode != 0:
+        raise AssertionError(f"usbipx {' '.join(args)} failed ({res.returncode}): {res.stderr}")
+    return res
+
+
+@pytest.fixture(autouse=True)
+def clean():
+    reset_usbip()
+    yield
+    reset_usbip()
+
+
+@pytest.fixture
+def stub_disk(tmp_path: Path):
+    """A mass-storage gadget on dummy_udc.0: a USB disk on this host, not yet bound."""
+    backing = tmp_path / "disk.img"
+    data = make_disk(backing, DISK_MB)
+    mass_storage_gadget("stubdisk", backing, "dummy_udc.0")
+    busid = usb_busid_on_udc("dummy_udc.0")
+    wait_for(lambda: driver_of(busid) == "usb", what=f"{busid} to enumerate")
+    return busid, data
+
+
+@pytest.fixture
+def vudc_disk(tmp_path: Path):
+    """A mass-storage gadget bound to usbip-vudc.0."""
+    backing = tmp_path / "vdisk.img"
+    data = make_disk(backing, DISK_MB)
+    mass_storage_gadget("vudcdisk", backing, "usbip-vudc.0", product=0x0105)
+    return "usbip-vudc.0", data
+
+
+@pytest.fixture
+def daemons():
+    started: list[Daemon] = []
+
+    def start(kind: str, *extra: str) -> Daemon:
+        port = free_tcp_port()
+        argv = ([USBIPX, "usbipd", "-t", str(port), *extra] if kind == "usbipx"
+                else ["usbipd", "-t", str(port), *extra])
+        d = Daemon(argv, port)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+def assert_vhci_disk_matches(data: bytes) -> None:
+    dev = vhci_disk()
+    assert read_block(dev, len(data)) == data, f"{dev} differs from the backing file"
+
+
+# -- Debian's C client against usbipx usbipd ---------------------------------
+
+def test_c_client_against_usbipx_usbipd_stub(stub_disk, daemons) -> None:
+    busid, data = stub_disk
+    usbipx("bind", "-b", busid)
+    assert driver_of(busid) == "usbip-host"
+    d = daemons("usbipx")
+    out = subprocess.run(["usbip", "-t", str(d.port), "list", "-r", "127.0.0.1"],
+                         capture_output=True, text=True, check=True).stdout
+    assert f"{busid}: Linux Foundation" in out and "(1d6b:0104)" in out
+    subprocess.run(["usbip", "-t", str(d.port), "attach", "-r", "127.0.0.1", "-b", busid],
+                   check=True, capture_output=True)
+    assert_vhci_disk_matches(data)
+    assert Path(f"/sys/bus/usb/devices/{busid}/usbip_status").read_text().strip() == "2"
+    # An exported device is hidden from the list.
+    out = subprocess.run(["usbip", "-t", str(d.port), "list", "-r", "127.0.0.1"],
+                         capture_output=True, text=True).stdout
+    assert busid not in out
+    # Debian's usbip port reads the record the C attach wrote.
+    ports = subprocess.run(["usbip", "port"], capture_output=True, text=True).stdout
+    assert f"usbip://127.0.0.1:{d.port}/{busid}" in ports
+
+
+def test_c_client_against_usbipx_usbipd_vudc(vudc_disk, daemons) -> None:
+    vudc, data = vudc_disk
+    d = daemons("usbipx", "-e")
+    out = subprocess.run(["usbip", "-t", str(d.port), "list", "-r", "127.0.0.1"],
+                         capture_output=True, text=True, check=True).stdout
+    assert f"{vudc}: Linux Foundation" in out
+    subprocess.run(["usbip", "-t", str(d.port), "attach", "-r", "127.0.0.1", "-d", vudc],
+                   check=True, capture_output=True)
+    assert_vhci_disk_matches(data)
+
+
+# -- usbipx client against Debian's C usbipd ---------------------------------
+
+def test_usbipx_client_against_c_usbipd_stub(stub_disk, daemons) -> None:
+    busid, data = stub_disk
+    subprocess.run(["usbip", "bind", "-b", busid], check=True, capture_output=True)
+    d = daemons("c")
+    out = usbipx("-t", str(d.port), "list", "-r", "127.0.0.1").stdout
+    assert f"{busid}: Linux Foundation : Multifunction Composite Gadget (1d6b:0104)" in out
+    listed = json.loads(usbipx("-t", str(d.port), "--json", "list", "-r", "127.0.0.1").stdout)
+    assert [e["busid"] for e in listed] == [busid]
+    res = usbipx("-t", str(d.port), "attach", "-r", "127.0.0.1", "-b", busid)
+    assert "to port" in res.stdout
+    assert_vhci_disk_matches(data)
+    # Our record is readable by Debian's usbip port, and by ours.
+    c_port = subprocess.run(["usbip", "port"], capture_output=True, text=True).stdout
+    assert f"-> usbip://127.0.0.1:{d.port}/{busid}" in c_port
+    ours = json.loads(usbipx("port", "--json").stdout)
+    assert len(ours) == 1 and ours[0]["remote_busid"] == busid
+    assert ours[0]["id_vendor"] == "1d6b"
+    text = usbipx("port").stdout
+    assert f"usbip://127.0.0.1:{d.port}/{busid}" in text and "High Speed(480Mbps)" in text
+    # detach frees the port and the device side gets its device back.
+    port = ours[0]["port"]
+    usbipx("detach", "-p", str(port))
+    assert vhci_used_ports() == []
+    assert not Path(f"/var/run/vhci_hcd/port{port}").exists()
+    wait_for(lambda: Path(f"/sys/bus/usb/devices/{busid}/usbip_status").read_text().strip()
+             == "1", what="the stub device to be available again")
+
+
+def test_usbipx_client_against_c_usbipd_vudc(vudc_disk, daemons) -> None:
+    vudc, data = vudc_disk
+    d = daemons("c", "-e")
+    out = usbipx("-t", str(d.port), "list", "-r", "127.0.0.1").stdout
+    assert f"{vudc}: Linux Foundation" in out
+    usbipx("-t", str(d.port), "attach", "-r", "127.0.0.1", "-d", vudc)
+    assert_vhci_disk_matches(data)
+
+
+# -- usbipx end to end, bind/unbind, errors -----------------------------------
+
+def test_bind_unbind_restores_original_driver(stub_disk) -> None:
+    busid, data = stub_disk
+    before = driver_of(busid)
+    assert before == "usb"
+    local = json.loads(usbipx("list", "-l", "--json").stdout)
+    assert any(d["busid"] == busid and d["driver"] == "usb" and d["num_interfaces"] == 1
+               for d in local)
+    usbipx("bind", "-b", busid)
+    assert driver_of(busid) == "usbip-host"
+    assert f"{busid} " in Path("/sys/bus/usb/drivers/usbip-host/match_busid").read_text()
+    res = usbipx("bind", "-b", busid, check=False)
+    assert res.returncode != 0 and "already bound" in res.stderr
+    usbipx("unbind", "-b", busid)
+    assert driver_of(busid) == before
+    assert busid not in Path("/sys/bus/usb/drivers/usbip-host/match_busid").read_text()
+    # The local disk works again on the original driver.
+    disk = wait_for(lambda: block_devices_under("dummy_hcd.0"), what="the local disk again")[0]
+    assert read_block(disk, len(data)) == data
+
+
+def test_usbipx_end_to_end_and_detach(stub_disk, daemons) -> None:
+    busid, data = stub_disk
+    usbipx("bind", "-b", busid)
+    d = daemons("usbipx")
+    usbipx("-t", str(d.port), "attach", "-r", "127.0.0.1", "-b", busid)
+    assert_vhci_disk_matches(data)
+    (port, _), = vhci_used_ports()
+    usbipx("detach", "-p", str(port))
+    assert vhci_used_ports() == []
+    res = usbipx("detach", "-p", str(port), check=False)
+    assert res.returncode != 0 and "not in use" in res.stderr
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["bind", "-b", "9-9"], "no USB device with bus id 9-9"),
+    (["bind", "-b", "../../etc"], "bad bus id"),
+    (["unbind", "-b", "1-1"], "not bound to usbip-host"),
+    (["attach", "-r", "127.0.0.1", "-b", "1-1"], "cannot connect"),
+    (["detach", "-p", "5"], "not in use"),
+    (["list"], "choose exactly one"),
+])
+def test_errors_are_one_line_and_nonzero(stub_disk, args, needle) -> None:
+    res = usbipx("-t", "1", *args, check=False)
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("usbipx: error:") and needle in lines[0], \
+        res.stderr
+    assert driver_of(stub_disk[0]) == "usb"
+
+
+def test_import_of_unknown_device_is_refused(daemons) -> None:
+    d = daemons("usbipx")
+    res = usbipx("-t", str(d.port), "attach", "-r", "127.0.0.1", "-b", "7-7", check=False)
+    assert res.returncode != 0 and "ST_NODEV" in res.stderr
+    assert vhci_used_ports() == []
+
+
+def test_no_root_is_a_clear_error(stub_disk) -> None:
+    busid, _ = stub_disk
+    res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                          USBIPX, "bind", "-b", busid], capture_output=True, text=True)
+    assert res.returncode == 77, res.stderr
+    assert "are you root?" in res.stderr
+    assert driver_of(busid) == "usb"
+
+
+def test_failed_attach_leaves_no_port(stub_disk, daemons) -> None:
+    """The kernel attaches, but the port record cannot be written: roll back."""
+    busid, _ = stub_disk
+    usbipx("bind", "-b", busid)
+    d = daemons("usbipx")
+    state = Path("/var/run/vhci_hcd")
+    if state.is_dir():
+        for f in state.iterdir():
+            f.unlink()
+        state.rmdir()
+    state.write_text("not a directory")
+    try:
+        res = usbipx("-t", str(d.port), "attach", "-r", "127.0.0.1", "-b", busid, check=False)
+    finally:
+        state.unlink()
+    assert res.returncode != 0 and "could not record" in res.stderr
+    assert vhci_used_ports() == []
+    wait_for(lambda: Path(f"/sys/bus/usb/devices/{busid}/usbip_status").read_text().strip()
+             == "1", what="the exported device to come back")
+
+
+def test_missing_module_is_named(stub_disk) -> None:
+    busid, _ = stub_disk
+    subprocess.run(["rmmod", "usbip-host"], check=True)
+    try:
+        res = usbipx("bind", "-b", busid, check=False)
+        assert res.returncode != 0
+        assert "kernel module usbip-host is not loaded" in res.stderr
+        assert driver_of(busid) == "usb"
+        res = usbipx("usbipd", check=False)
+        assert res.returncode != 0 and "usbip-host" in res.stderr
+    finally:
+        subprocess.run(["modprobe", "usbip-host"], check=True)
+
+
+# -- junk at usbipd --------------------------------------------------------------
+
+def _junk(rng: random.Random, valid: list[bytes]) -> bytes:
+    kind = rng.randrange(6)
+    if kind == 0:
+        return rng.randbytes(rng.randrange(1, 64))
+    base = bytearray(rng.choice(valid))
+    if kind == 1:  # truncated
+        return bytes(base[: rng.randrange(1, len(base))])
+    if kind == 2:  # oversized: a valid header followed by a flood
+        return bytes(base[:8]) + rng.randbytes(rng.randrange(400, 4000))
+    if kind == 3:  # a few flipped bytes
+        for _ in range(rng.randrange(1, 5)):
+            base[rng.randrange(len(base))] = rng.randrange(256)
+        return bytes(base)
+    if kind == 4:  # wrong version
+        return b"\x01\x06" + bytes(base[2:])
+    return bytes(base[:8]) + b"\xff" * 32  # import of an impossible bus id
+
+
+def test_usbipd_survives_1000_bad_pdus_without_fd_growth(stub_disk, daemons) -> None:
+    busid, _ = stub_disk
+    usbipx("bind", "-b", busid)
+    d = daemons("usbipx")
+    dev = bytes(312)
+    valid = [
+        struct.pack(">HHI", 0x0111, 0x8005, 0),
+        struct.pack(">HHI", 0x0111, 0x8003, 0) + b"1-1".ljust(32, b"\0"),
+        struct.pack(">HHI", 0x0111, 0x8006, 0) + dev,
+        struct.pack(">HHI", 0x0111, 0x8007, 0) + dev,
+    ]
+    # Warm up, then measure descriptors.
+    usbipx("-t", str(d.port), "list", "-r", "127.0.0.1")
+    fds_before = d.fds()
+    rng = random.Random(1234)
+    sent = 0
+    t0 = time.monotonic()
+    # Stalled clients hold connections open with half a PDU meanwhile.
+    stalled = [socket.create_connection(("127.0.0.1", d.port)) for _ in range(30)]
+    for s in stalled:
+        s.sendall(valid[1][:20])
+    while sent < 1200:
+        socks = []
+        for _ in range(20):
+            s = socket.create_connection(("127.0.0.1", d.port))
+            s.sendall(_junk(rng, valid))
+            s.shutdown(socket.SHUT_WR)  # EOF: the server must not wait for more
+            socks.append(s)
+            sent += 1
+        for s in socks:
+            s.settimeout(5)
+            with contextlib.suppress(OSError):
+                s.recv(65536)
+            s.close()
+    # Served while stalled clients were connected.
+    out = usbipx("-t", str(d.port), "--json", "list", "-r", "127.0.0.1").stdout
+    assert [e["busid"] for e in json.loads(out)] == [busid]
+    for s in stalled:
+        s.close()
+    assert d.alive()
+    out = usbipx("-t", str(d.port), "--json", "list", "-r", "127.0.0.1").stdout
+    assert [e["busid"] for e in json.loads(out)] == [busid]
+    wait_for(lambda: d.fds() <= fds_before, 10, what="fd count to settle")
+    assert vhci_used_ports() == []
+    print(f"{sent} bad PDUs in {time.monotonic() - t0:.1f} s; fds {fds_before} -> {d.fds()}")
+    assert os.path.exists(f"/proc/{d.proc.pid}")
