@@ -12,7 +12,7 @@ from typing import Any, ParamSpec, TypeVar
 import typer
 
 from usbipx.errors import UsbipError
-from usbipx.net import USBIP_PORT
+from usbipx.net import DEFAULT_KEEPALIVE, USBIP_PORT, Keepalive
 from usbipx.sysfs import Sysfs
 
 P = ParamSpec("P")
@@ -71,3 +71,14 @@ def emit_json(data: Any) -> None:
     """Write ``data`` as indented JSON on stdout."""
     json.dump(data, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
+
+
+KEEPALIVE_HELP = (
+    "Dead-peer detection before the kernel gets the socket: "
+    "IDLE,INTERVAL,COUNT[,USER_TIMEOUT_MS] (default 5,3,3,15000: under 20 s)."
+)
+
+
+def keepalive(text: str | None) -> Keepalive:
+    """The --keepalive option's value, or the defaults."""
+    return Keepalive.parse(text) if text else DEFAULT_KEEPALIVE

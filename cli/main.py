@@ -40,10 +40,11 @@ def _global(
 
 
 def _register() -> None:
-    from usbipx.cli import daemons, devices, gadget, imports
+    from usbipx.cli import daemons, devices, exports, gadget, imports
 
     devices.register(app)
     imports.register(app)
+    exports.register(app)
     daemons.register(app)
     app.add_typer(gadget.app, name="gadget")
 

@@ -15,17 +15,21 @@ from dataclasses import dataclass
 
 from loguru import logger
 
-from usbipx.errors import ProtocolError, RemoteError, UsbipError
+from usbipx.driver import DeviceDriver, ExportStatus, LocalDevice
+from usbipx.errors import DeviceBusy, ProtocolError, RemoteError, UsbipError
 from usbipx.net import DEFAULT_KEEPALIVE, USBIP_PORT, Keepalive, connect, request
 from usbipx.protocol import (
     DevlistReply,
     DevlistRequest,
     ExportableDevice,
+    ExportRequest,
     ImportReply,
     ImportRequest,
     Status,
+    UnexportRequest,
     validate_busid,
 )
+from usbipx.stubmode.host import HostDriver
 from usbipx.vhci import VhciDriver
 
 
@@ -86,3 +90,86 @@ def detach_port(port: int, vhci: VhciDriver) -> None:
     if port < 0:
         raise UsbipError(f"bad port number {port}")
     vhci.detach(port)
+
+
+@dataclass(frozen=True)
+class Exported:
+    """Result of an export: what was exported, and the driver the device had."""
+
+    host: str
+    busid: str
+    bound_here: bool
+    """True if ``connect`` bound the device to usbip-host itself."""
+
+
+def _local_export_record(driver: DeviceDriver, busid: str) -> LocalDevice:
+    dev = driver.get(busid)
+    if dev.status is None:
+        raise UsbipError(f"{busid} is not ready for export on {driver.name}")
+    if dev.status != ExportStatus.AVAILABLE:
+        raise DeviceBusy(f"{busid} is already exported" if dev.status == ExportStatus.USED
+                         else f"{busid} is in an error state")
+    return dev
+
+
+def export_device(host: str, busid: str, driver: DeviceDriver, port: int = USBIP_PORT,
+                  keepalive: Keepalive = DEFAULT_KEEPALIVE) -> Exported:
+    """Export ``busid`` to the usbipa at ``host`` (OP_REQ_EXPORT) and hand it to the kernel.
+
+    Stub mode binds the device to usbip-host first if needed; vUDC mode needs
+    a gadget bound to the vUDC.  Any failure puts a device this call bound
+    back on its original driver.
+    """
+    validate_busid(busid)
+    driver.check_loaded()
+    bound_here = False
+    if isinstance(driver, HostDriver) and driver.get(busid).driver != driver.name:
+        driver.bind(busid)
+        bound_here = True
+    try:
+        dev = _local_export_record(driver, busid)
+        with _connection(host, port, keepalive) as sock:
+            rep = request(sock, ExportRequest(dev.record))
+            if rep.status != Status.ST_OK:
+                raise RemoteError(rep.status, f"export of {busid} to {host} refused")
+            # usbipa has attached the device; from here the connection is URB
+            # traffic, read by the kernel.
+            driver.handoff(busid, sock.fileno())
+    except BaseException:
+        if bound_here:
+            assert isinstance(driver, HostDriver)
+            with contextlib.suppress(UsbipError):
+                driver.unbind(busid)
+        raise
+    logger.info("exported {} to {}:{}", busid, host, port)
+    return Exported(host, busid, bound_here)
+
+
+def unexport_device(host: str, busid: str, driver: DeviceDriver, port: int = USBIP_PORT,
+                    force: bool = False, keepalive: Keepalive = DEFAULT_KEEPALIVE) -> None:
+    """Withdraw ``busid`` from the usbipa at ``host`` (OP_REQ_UNEXPORT).
+
+    On success a stub device goes back to its original driver.  With
+    ``force`` the device is also withdrawn locally when the usbipa cannot be
+    reached or refuses (the app side then sees the connection drop).
+    """
+    validate_busid(busid)
+    driver.check_loaded()
+    dev = driver.get(busid)
+    if dev.status is None:
+        raise UsbipError(f"{busid} is not exported: not bound to {driver.name}")
+    try:
+        with _connection(host, port, keepalive) as sock:
+            rep = request(sock, UnexportRequest(dev.record))
+        if rep.status != Status.ST_OK:
+            raise RemoteError(rep.status, f"unexport of {busid} from {host} refused")
+    except UsbipError:
+        if not force:
+            raise
+        logger.warning("usbipa did not unexport {}; withdrawing it locally", busid)
+        if dev.status == ExportStatus.USED:
+            with contextlib.suppress(UsbipError):
+                driver.shutdown(busid)
+    if isinstance(driver, HostDriver):
+        driver.unbind(busid)
+    logger.info("unexported {} from {}", busid, host)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
-from usbipx.errors import ProtocolError, UsbipError
+from usbipx.errors import ProtocolError, UsbipError, ValidationError
 from usbipx.protocol import Reply, ReplyDecoder, Request
 
 USBIP_PORT = 3240
@@ -36,6 +36,19 @@ class Keepalive:
     def __post_init__(self) -> None:
         if min(self.idle, self.interval, self.count) < 1 or self.user_timeout_ms < 0:
             raise ValueError("keepalive idle/interval/count must be >= 1 and user timeout >= 0")
+
+    @classmethod
+    def parse(cls, text: str) -> Keepalive:
+        """``IDLE,INTERVAL,COUNT[,USER_TIMEOUT_MS]`` as given to ``--keepalive``."""
+        parts = text.split(",")
+        if len(parts) not in (3, 4) or not all(p.strip().isdigit() for p in parts):
+            raise ValidationError(
+                f"bad keepalive {text!r}: expected IDLE,INTERVAL,COUNT[,USER_TIMEOUT_MS]"
+            )
+        try:
+            return cls(*(int(p) for p in parts))
+        except ValueError as exc:
+            raise ValidationError(f"bad keepalive {text!r}: {exc}") from None
 
     @property
     def detect_seconds(self) -> float:

@@ -203,8 +203,12 @@ class VhciDriver:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         path = self.sysfs.path(self._record_path(port))
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(f"{record.host} {record.service} {record.busid}\n")
-        tmp.replace(path)
+        try:
+            tmp.write_text(f"{record.host} {record.service} {record.busid}\n")
+            tmp.replace(path)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # no half-written leftovers in /var/run
+            raise
 
     def read_record(self, port: int) -> PortRecord | None:
         try:
@@ -220,6 +224,13 @@ class VhciDriver:
         # A missing record, or a state directory that is not one, means "no record".
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             self.sysfs.path(self._record_path(port)).unlink()
+
+    def prune_records(self) -> None:
+        """Forget records of ports the kernel has freed by itself (dead connections)."""
+        used = {p.port for p in self.ports() if not p.free}
+        for name in self.sysfs.listdir(STATE_DIR):
+            if name.startswith("port") and name[4:].isdigit() and int(name[4:]) not in used:
+                self.remove_record(int(name[4:]))
 
     def imported(self) -> list[ImportedDevice]:
         """Ports in use, with their records."""

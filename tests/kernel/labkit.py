@@ -140,12 +140,17 @@ def free_tcp_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_port(port: int, timeout: float = 20.0) -> None:
+def wait_port(port: int, timeout: float = 30.0, ns: str | None = None,
+              host: str = "127.0.0.1") -> None:
     import socket
 
     def up() -> bool:
+        if ns is not None:  # probe over the namespace's own loopback
+            probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), 1)"
+            return subprocess.run(in_ns(ns, ["python3", "-c", probe]),
+                                  capture_output=True).returncode == 0
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            socket.create_connection((host, port), timeout=0.5).close()
             return True
         except OSError:
             return False
@@ -156,14 +161,15 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
 class Daemon:
     """A daemon subprocess (ours or Debian's) listening on a TCP port."""
 
-    def __init__(self, argv: list[str], port: int) -> None:
+    def __init__(self, argv: list[str], port: int, ns: str | None = None,
+                 host: str = "127.0.0.1") -> None:
         self.argv = argv
         self.port = port
         self.log = Path(f"/tmp/daemon-{port}.log")
         with open(self.log, "w") as out:  # the child keeps its own copy
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
         try:
-            wait_port(port)
+            wait_port(port, ns=ns, host=host)
         except TimeoutError:
             self.stop()
             raise RuntimeError(f"{argv} did not start: {self.output()}") from None
@@ -226,3 +232,142 @@ def vhci_disk(timeout: float = 30.0) -> str:
     devs = wait_for(lambda: block_devices_under("vhci_hcd"), timeout, 0.2,
                     "a disk on a vhci_hcd port")
     return devs[0]
+
+
+# -- network namespaces: a "board" behind a firewall and a "server" -------
+
+BOARD_IP = "10.77.0.2"
+SERVER_IP = "10.77.0.1"
+
+
+def netns_up(firewall: bool = True) -> None:
+    """Namespaces board and server joined by veth; the board drops inbound TCP."""
+    netns_down()
+    for cmd in (
+        ["ip", "netns", "add", "board"],
+        ["ip", "netns", "add", "server"],
+        ["ip", "link", "add", "vb", "type", "veth", "peer", "name", "vs"],
+        ["ip", "link", "set", "vb", "netns", "board"],
+        ["ip", "link", "set", "vs", "netns", "server"],
+        ["ip", "-n", "board", "addr", "add", f"{BOARD_IP}/24", "dev", "vb"],
+        ["ip", "-n", "server", "addr", "add", f"{SERVER_IP}/24", "dev", "vs"],
+        ["ip", "-n", "board", "link", "set", "vb", "up"],
+        ["ip", "-n", "server", "link", "set", "vs", "up"],
+        ["ip", "-n", "board", "link", "set", "lo", "up"],
+        ["ip", "-n", "server", "link", "set", "lo", "up"],
+    ):
+        sh(*cmd)
+    if firewall:
+        nft("board", """
+            table inet fw {
+                chain input {
+                    type filter hook input priority 0; policy accept;
+                    iifname "lo" accept
+                    ct state established,related accept
+                    tcp flags syn drop
+                }
+            }""")
+
+
+def nft(ns: str, ruleset: str) -> None:
+    subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=ruleset, text=True,
+                   check=True, capture_output=True)
+
+
+def link_cut(ns: str = "board") -> None:
+    """Drop every packet in and out of ``ns`` (the link is dead, nothing says so)."""
+    nft(ns, """
+        table inet cut {
+            chain input { type filter hook input priority -10; policy drop; }
+            chain output { type filter hook output priority -10; policy drop; }
+        }""")
+
+
+def link_restore(ns: str = "board") -> None:
+    sh("ip", "netns", "exec", ns, "nft", "delete", "table", "inet", "cut", check=False)
+
+
+def netns_down() -> None:
+    for ns in ("board", "server"):
+        sh("ip", "netns", "del", ns, check=False)
+
+
+def in_ns(ns: str | None, argv: list[str]) -> list[str]:
+    return argv if ns is None else ["ip", "netns", "exec", ns, *argv]
+
+
+# -- junk PDUs ------------------------------------------------------------
+
+def junk_pdu(rng, valid: list[bytes]) -> bytes:
+    """Random, truncated, oversized, bit-flipped or wrong-version PDUs."""
+    kind = rng.randrange(6)
+    if kind == 0:
+        return rng.randbytes(rng.randrange(1, 64))
+    base = bytearray(rng.choice(valid))
+    if kind == 1:  # truncated
+        return bytes(base[: rng.randrange(1, len(base))])
+    if kind == 2:  # oversized: a valid header followed by a flood
+        return bytes(base[:8]) + rng.randbytes(rng.randrange(400, 4000))
+    if kind == 3:  # a few flipped bytes
+        for _ in range(rng.randrange(1, 5)):
+            base[rng.randrange(len(base))] = rng.randrange(256)
+        return bytes(base)
+    if kind == 4:  # wrong version
+        return b"\x01\x06" + bytes(base[2:])
+    return bytes(base[:8]) + b"\xff" * 32  # an impossible bus id / short record
+
+
+def flood(port: int, valid: list[bytes], count: int, seed: int = 1234,
+          stalled: int = 30, during=None) -> int:
+    """Send ``count`` junk PDUs (20 connections at a time) while ``stalled``
+    clients sit on half a PDU, then call ``during()`` with them still
+    connected; return how many PDUs were sent."""
+    import random
+    import socket
+
+    rng = random.Random(seed)
+    hold = [socket.create_connection(("127.0.0.1", port)) for _ in range(stalled)]
+    for s in hold:
+        s.sendall(valid[0][:5])
+    sent = 0
+    while sent < count:
+        batch = []
+        for _ in range(20):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(junk_pdu(rng, valid))
+            s.shutdown(socket.SHUT_WR)  # EOF: the server must not wait for more
+            batch.append(s)
+            sent += 1
+        for s in batch:
+            s.settimeout(5)
+            with contextlib.suppress(OSError):
+                s.recv(65536)
+            s.close()
+    if during is not None:
+        during()
+    for s in hold:
+        s.close()
+    return sent
+
+
+def usbipx(*args: str, check: bool = True, ns: str | None = None,
+           **kw) -> subprocess.CompletedProcess[str]:
+    """Run the usbipx CLI (in network namespace ``ns`` if given)."""
+    res = subprocess.run(in_ns(ns, [USBIPX, *args]), capture_output=True, text=True,
+                         timeout=kw.pop("timeout", 180), **kw)
+    if check and res.returncode != 0:
+        raise AssertionError(f"usbipx {' '.join(args)} failed ({res.returncode}): {res.stderr}")
+    return res
+
+
+def assert_vhci_disk_matches(data: bytes) -> None:
+    dev = vhci_disk()
+    assert read_block(dev, len(data)) == data, f"{dev} differs from the backing file"
+
+
+def stub_status(busid: str) -> str:
+    return Path(f"/sys/bus/usb/devices/{busid}/usbip_status").read_text().strip()
+
+
+def vudc_status(vudc: str) -> str:
+    return Path(f"/sys/devices/platform/{vudc}/usbip_status").read_text().strip()

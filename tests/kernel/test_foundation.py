@@ -4,11 +4,8 @@ reading the exported disk on the vhci side and comparing it with its file."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import random
-import socket
 import struct
 import subprocess
 import time
@@ -17,78 +14,15 @@ from pathlib import Path
 import pytest
 from labkit import (
     USBIPX,
-    Daemon,
+    assert_vhci_disk_matches,
     block_devices_under,
     driver_of,
-    free_tcp_port,
-    make_disk,
-    mass_storage_gadget,
+    flood,
     read_block,
-    reset_usbip,
-    usb_busid_on_udc,
-    vhci_disk,
+    usbipx,
     vhci_used_ports,
     wait_for,
 )
-
-DISK_MB = 4
-
-
-def usbipx(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run([USBIPX, *args], capture_output=True, text=True, timeout=120, **kw)
-    if check and res.returncode != 0:
-        raise AssertionError(f"usbipx {' '.join(args)} failed ({res.returncode}): {res.stderr}")
-    return res
-
-
-@pytest.fixture(autouse=True)
-def clean():
-    reset_usbip()
-    yield
-    reset_usbip()
-
-
-@pytest.fixture
-def stub_disk(tmp_path: Path):
-    """A mass-storage gadget on dummy_udc.0: a USB disk on this host, not yet bound."""
-    backing = tmp_path / "disk.img"
-    data = make_disk(backing, DISK_MB)
-    mass_storage_gadget("stubdisk", backing, "dummy_udc.0")
-    busid = usb_busid_on_udc("dummy_udc.0")
-    wait_for(lambda: driver_of(busid) == "usb", what=f"{busid} to enumerate")
-    return busid, data
-
-
-@pytest.fixture
-def vudc_disk(tmp_path: Path):
-    """A mass-storage gadget bound to usbip-vudc.0."""
-    backing = tmp_path / "vdisk.img"
-    data = make_disk(backing, DISK_MB)
-    mass_storage_gadget("vudcdisk", backing, "usbip-vudc.0", product=0x0105)
-    return "usbip-vudc.0", data
-
-
-@pytest.fixture
-def daemons():
-    started: list[Daemon] = []
-
-    def start(kind: str, *extra: str) -> Daemon:
-        port = free_tcp_port()
-        argv = ([USBIPX, "usbipd", "-t", str(port), *extra] if kind == "usbipx"
-                else ["usbipd", "-t", str(port), *extra])
-        d = Daemon(argv, port)
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        d.stop()
-
-
-def assert_vhci_disk_matches(data: bytes) -> None:
-    dev = vhci_disk()
-    assert read_block(dev, len(data)) == data, f"{dev} differs from the backing file"
-
 
 # -- Debian's C client against usbipx usbipd ---------------------------------
 
@@ -96,7 +30,7 @@ def test_c_client_against_usbipx_usbipd_stub(stub_disk, daemons) -> None:
     busid, data = stub_disk
     usbipx("bind", "-b", busid)
     assert driver_of(busid) == "usbip-host"
-    d = daemons("usbipx")
+    d = daemons("usbipd")
     out = subprocess.run(["usbip", "-t", str(d.port), "list", "-r", "127.0.0.1"],
                          capture_output=True, text=True, check=True).stdout
     assert f"{busid}: Linux Foundation" in out and "(1d6b:0104)" in out
@@ -115,7 +49,7 @@ def test_c_client_against_usbipx_usbipd_stub(stub_disk, daemons) -> None:
 
 def test_c_client_against_usbipx_usbipd_vudc(vudc_disk, daemons) -> None:
     vudc, data = vudc_disk
-    d = daemons("usbipx", "-e")
+    d = daemons("usbipd", "-e")
     out = subprocess.run(["usbip", "-t", str(d.port), "list", "-r", "127.0.0.1"],
                          capture_output=True, text=True, check=True).stdout
     assert f"{vudc}: Linux Foundation" in out
@@ -129,7 +63,7 @@ def test_c_client_against_usbipx_usbipd_vudc(vudc_disk, daemons) -> None:
 def test_usbipx_client_against_c_usbipd_stub(stub_disk, daemons) -> None:
     busid, data = stub_disk
     subprocess.run(["usbip", "bind", "-b", busid], check=True, capture_output=True)
-    d = daemons("c")
+    d = daemons("c-usbipd")
     out = usbipx("-t", str(d.port), "list", "-r", "127.0.0.1").stdout
     assert f"{busid}: Linux Foundation : Multifunction Composite Gadget (1d6b:0104)" in out
     listed = json.loads(usbipx("-t", str(d.port), "--json", "list", "-r", "127.0.0.1").stdout)
@@ -156,7 +90,7 @@ def test_usbipx_client_against_c_usbipd_stub(stub_disk, daemons) -> None:
 
 def test_usbipx_client_against_c_usbipd_vudc(vudc_disk, daemons) -> None:
     vudc, data = vudc_disk
-    d = daemons("c", "-e")
+    d = daemons("c-usbipd", "-e")
     out = usbipx("-t", str(d.port), "list", "-r", "127.0.0.1").stdout
     assert f"{vudc}: Linux Foundation" in out
     usbipx("-t", str(d.port), "attach", "-r", "127.0.0.1", "-d", vudc)
@@ -188,7 +122,7 @@ def test_bind_unbind_restores_original_driver(stub_disk) -> None:
 def test_usbipx_end_to_end_and_detach(stub_disk, daemons) -> None:
     busid, data = stub_disk
     usbipx("bind", "-b", busid)
-    d = daemons("usbipx")
+    d = daemons("usbipd")
     usbipx("-t", str(d.port), "attach", "-r", "127.0.0.1", "-b", busid)
     assert_vhci_disk_matches(data)
     (port, _), = vhci_used_ports()
@@ -216,7 +150,7 @@ def test_errors_are_one_line_and_nonzero(stub_disk, args, needle) -> None:
 
 
 def test_import_of_unknown_device_is_refused(daemons) -> None:
-    d = daemons("usbipx")
+    d = daemons("usbipd")
     res = usbipx("-t", str(d.port), "attach", "-r", "127.0.0.1", "-b", "7-7", check=False)
     assert res.returncode != 0 and "ST_NODEV" in res.stderr
     assert vhci_used_ports() == []
@@ -235,7 +169,7 @@ def test_failed_attach_leaves_no_port(stub_disk, daemons) -> None:
     """The kernel attaches, but the port record cannot be written: roll back."""
     busid, _ = stub_disk
     usbipx("bind", "-b", busid)
-    d = daemons("usbipx")
+    d = daemons("usbipd")
     state = Path("/var/run/vhci_hcd")
     if state.is_dir():
         for f in state.iterdir():
@@ -268,28 +202,10 @@ def test_missing_module_is_named(stub_disk) -> None:
 
 # -- junk at usbipd --------------------------------------------------------------
 
-def _junk(rng: random.Random, valid: list[bytes]) -> bytes:
-    kind = rng.randrange(6)
-    if kind == 0:
-        return rng.randbytes(rng.randrange(1, 64))
-    base = bytearray(rng.choice(valid))
-    if kind == 1:  # truncated
-        return bytes(base[: rng.randrange(1, len(base))])
-    if kind == 2:  # oversized: a valid header followed by a flood
-        return bytes(base[:8]) + rng.randbytes(rng.randrange(400, 4000))
-    if kind == 3:  # a few flipped bytes
-        for _ in range(rng.randrange(1, 5)):
-            base[rng.randrange(len(base))] = rng.randrange(256)
-        return bytes(base)
-    if kind == 4:  # wrong version
-        return b"\x01\x06" + bytes(base[2:])
-    return bytes(base[:8]) + b"\xff" * 32  # import of an impossible bus id
-
-
 def test_usbipd_survives_1000_bad_pdus_without_fd_growth(stub_disk, daemons) -> None:
     busid, _ = stub_disk
     usbipx("bind", "-b", busid)
-    d = daemons("usbipx")
+    d = daemons("usbipd")
     dev = bytes(312)
     valid = [
         struct.pack(">HHI", 0x0111, 0x8005, 0),
@@ -300,34 +216,14 @@ def test_usbipd_survives_1000_bad_pdus_without_fd_growth(stub_disk, daemons) -> 
     # Warm up, then measure descriptors.
     usbipx("-t", str(d.port), "list", "-r", "127.0.0.1")
     fds_before = d.fds()
-    rng = random.Random(1234)
-    sent = 0
+    def still_serving() -> None:
+        out = usbipx("-t", str(d.port), "--json", "list", "-r", "127.0.0.1").stdout
+        assert [e["busid"] for e in json.loads(out)] == [busid]
+
     t0 = time.monotonic()
-    # Stalled clients hold connections open with half a PDU meanwhile.
-    stalled = [socket.create_connection(("127.0.0.1", d.port)) for _ in range(30)]
-    for s in stalled:
-        s.sendall(valid[1][:20])
-    while sent < 1200:
-        socks = []
-        for _ in range(20):
-            s = socket.create_connection(("127.0.0.1", d.port))
-            s.sendall(_junk(rng, valid))
-            s.shutdown(socket.SHUT_WR)  # EOF: the server must not wait for more
-            socks.append(s)
-            sent += 1
-        for s in socks:
-            s.settimeout(5)
-            with contextlib.suppress(OSError):
-                s.recv(65536)
-            s.close()
-    # Served while stalled clients were connected.
-    out = usbipx("-t", str(d.port), "--json", "list", "-r", "127.0.0.1").stdout
-    assert [e["busid"] for e in json.loads(out)] == [busid]
-    for s in stalled:
-        s.close()
+    sent = flood(d.port, valid, 1200, during=still_serving)  # with stalled clients connected
     assert d.alive()
-    out = usbipx("-t", str(d.port), "--json", "list", "-r", "127.0.0.1").stdout
-    assert [e["busid"] for e in json.loads(out)] == [busid]
+    still_serving()
     wait_for(lambda: d.fds() <= fds_before, 10, what="fd count to settle")
     assert vhci_used_ports() == []
     print(f"{sent} bad PDUs in {time.monotonic() - t0:.1f} s; fds {fds_before} -> {d.fds()}")

@@ -1,0 +1,168 @@
+"""What a usbipa accepts: peer networks, device rules and a per-peer limit.
+
+The policy file is TOML::
+
+    allow = ["10.0.0.0/8", "fd00::/8"]   # peers allowed to export (default: any)
+    max_devices_per_peer = 4             # default: no limit
+    default = "allow"                    # device verdict when no rule matches
+
+    [[rule]]                             # first matching rule wins
+    action = "deny"
+    vendor = 0x0403
+    product = 0x6001
+
+    [[rule]]
+    action = "deny"
+    class = 0x09                         # bDeviceClass (hubs)
+
+A rule matches when every field it gives (``vendor``, ``product``,
+``class``) equals the device's.  ``class`` is the device class of the
+exported record: an export carries no interface records, so interface
+classes cannot be matched.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from usbipx.errors import ConfigError
+from usbipx.protocol import UsbDevice
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Action = Literal["allow", "deny"]
+
+
+def parse_network(text: str) -> Network:
+    """``10.0.0.0/8`` or a single address; :class:`ConfigError` if neither."""
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError as exc:
+        raise ConfigError(f"bad network {text!r}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class DeviceRule:
+    """Allow or deny devices matching all the given ids."""
+
+    action: Action
+    vendor: int | None = None
+    product: int | None = None
+    device_class: int | None = None
+
+    def matches(self, dev: UsbDevice) -> bool:
+        return ((self.vendor is None or self.vendor == dev.id_vendor)
+                and (self.product is None or self.product == dev.id_product)
+                and (self.device_class is None or self.device_class == dev.device_class))
+
+    def __str__(self) -> str:
+        parts = []
+        if self.vendor is not None:
+            parts.append(f"vendor {self.vendor:04x}")
+        if self.product is not None:
+            parts.append(f"product {self.product:04x}")
+        if self.device_class is not None:
+            parts.append(f"class {self.device_class:02x}")
+        return f"{self.action} {' '.join(parts) or 'any'}"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The usbipa's admission rules; the default admits everything."""
+
+    networks: tuple[Network, ...] = ()
+    rules: tuple[DeviceRule, ...] = ()
+    default: Action = "allow"
+    max_devices_per_peer: int | None = None
+
+    def refuse_peer(self, host: str) -> str | None:
+        """Why ``host`` may not export, or None if it may."""
+        if not self.networks:
+            return None
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            return f"peer address {host!r} is not an IP address"
+        if any(addr in net for net in self.networks if net.version == addr.version):
+            return None
+        return "peer is outside the allowed networks"
+
+    def refuse_device(self, dev: UsbDevice) -> str | None:
+        """Why ``dev`` may not be attached, or None if it may."""
+        for rule in self.rules:
+            if rule.matches(dev):
+                return None if rule.action == "allow" else f"denied by rule '{rule}'"
+        return None if self.default == "allow" else "denied by default policy"
+
+    def refuse_count(self, held: int) -> str | None:
+        """Why a peer already holding ``held`` devices may not add one."""
+        limit = self.max_devices_per_peer
+        if limit is not None and held >= limit:
+            return f"peer already has {held} devices (limit {limit})"
+        return None
+
+    def with_networks(self, extra: list[str]) -> Policy:
+        """This policy with more allowed networks (``--allow``)."""
+        if not extra:
+            return self
+        nets = self.networks + tuple(parse_network(n) for n in extra)
+        return Policy(nets, self.rules, self.default, self.max_devices_per_peer)
+
+
+def _int_field(rule: dict[str, Any], key: str, bits: int, where: str) -> int | None:
+    if key not in rule:
+        return None
+    v = rule[key]
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < (1 << bits):
+        raise ConfigError(f"{where}: {key} must be an integer 0..{(1 << bits) - 1}, got {v!r}")
+    return v
+
+
+def policy_from_dict(data: dict[str, Any], source: str = "policy") -> Policy:
+    """Validate a parsed policy document completely; :class:`ConfigError` names the key."""
+    known = {"allow", "max_devices_per_peer", "default", "rule"}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}")
+    allow = data.get("allow", [])
+    if not isinstance(allow, list) or not all(isinstance(a, str) for a in allow):
+        raise ConfigError(f"{source}: allow must be a list of CIDR strings")
+    default = data.get("default", "allow")
+    if default not in ("allow", "deny"):
+        raise ConfigError(f"{source}: default must be 'allow' or 'deny', got {default!r}")
+    limit = data.get("max_devices_per_peer")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
+                              or limit < 1):
+        raise ConfigError(f"{source}: max_devices_per_peer must be a positive integer")
+    rules = []
+    raw_rules = data.get("rule", [])
+    if not isinstance(raw_rules, list):
+        raise ConfigError(f"{source}: rule must be an array of tables ([[rule]])")
+    for n, r in enumerate(raw_rules):
+        where = f"{source}: rule {n + 1}"
+        if not isinstance(r, dict):
+            raise ConfigError(f"{where}: must be a table")
+        bad = set(r) - {"action", "vendor", "product", "class"}
+        if bad:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(bad))}")
+        action = r.get("action")
+        if action not in ("allow", "deny"):
+            raise ConfigError(f"{where}: action must be 'allow' or 'deny'")
+        rules.append(DeviceRule(action, _int_field(r, "vendor", 16, where),
+                                _int_field(r, "product", 16, where),
+                                _int_field(r, "class", 8, where)))
+    return Policy(tuple(parse_network(a) for a in allow), tuple(rules), default, limit)
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate a policy file."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read policy {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return policy_from_dict(data, str(path))

@@ -1,0 +1,132 @@
+"""usbipa: the application-side daemon receiving exported devices.
+
+A device side behind NAT or a firewall connects out to us with
+OP_REQ_EXPORT; we attach its device to vhci_hcd over that very connection.
+OP_REQ_UNEXPORT detaches it again, honoured only from the address that
+exported it.  Attachments are keyed by (peer address, bus id).
+
+Order matters on export: the device is attached *before* the reply is
+sent, so a refusal (no free port, kernel error) reaches the device side.
+The reply still wins the race against the first URB: after ``attach`` the
+hub driver debounces the new connection for at least 100 ms before it
+sends anything, and the reply leaves in the same call.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from loguru import logger
+
+from usbipx.daemon.policy import Policy
+from usbipx.daemon.server import Outcome, Peer
+from usbipx.errors import ModuleNotLoaded, NoFreePort, UsbipError, ValidationError
+from usbipx.protocol import (
+    DevlistReply,
+    DevlistRequest,
+    ExportReply,
+    ExportRequest,
+    ImportReply,
+    ImportRequest,
+    Request,
+    Speed,
+    Status,
+    UnexportReply,
+    UnexportRequest,
+    UsbDevice,
+)
+from usbipx.vhci import VhciDriver
+
+
+def _describe(dev: UsbDevice) -> str:
+    return f"{dev.busid} ({dev.id_vendor:04x}:{dev.id_product:04x})"
+
+
+class UsbipaHandler:
+    """Answers export requests by attaching devices to vhci_hcd under a policy."""
+
+    def __init__(self, vhci: VhciDriver, policy: Policy | None = None) -> None:
+        self.vhci = vhci
+        self.policy = policy or Policy()
+
+    def _refuse(self, peer: Peer, dev: UsbDevice, reason: str,
+                status: Status = Status.ST_NA) -> Outcome:
+        logger.warning("refused export of {} from {}: {}", _describe(dev), peer.host, reason)
+        return Outcome(ExportReply(status))
+
+    def export(self, req: ExportRequest, peer: Peer, sock: socket.socket) -> Outcome:
+        dev = req.device
+        reason = self.policy.refuse_peer(peer.host) or self.policy.refuse_device(dev)
+        if reason:
+            return self._refuse(peer, dev, reason)
+        if dev.speed in (Speed.UNKNOWN, Speed.WIRELESS):
+            return self._refuse(peer, dev, f"cannot attach a device of {dev.speed.label}")
+        try:
+            self.vhci.prune_records()
+            stale = self.vhci.find(peer.host, dev.busid)
+            if stale is not None:
+                # The device side only exports an available device, so an old
+                # attachment of the same device from the same peer is a dead
+                # connection the kernel has not noticed yet: replace it.
+                logger.info("replacing stale attachment of {} from {} on port {}",
+                            dev.busid, peer.host, stale.port.port)
+                self.vhci.detach(stale.port.port)
+            held = sum(1 for i in self.vhci.imported()
+                       if i.record is not None and i.record.host == peer.host)
+            reason = self.policy.refuse_count(held)
+            if reason:
+                return self._refuse(peer, dev, reason)
+            port = self.vhci.attach(sock.fileno(), dev, peer.host, str(peer.port))
+        except NoFreePort as exc:
+            return self._refuse(peer, dev, str(exc), Status.ST_DEV_BUSY)
+        except ValidationError as exc:
+            return self._refuse(peer, dev, str(exc))
+        except ModuleNotLoaded as exc:
+            return self._refuse(peer, dev, str(exc), Status.ST_ERROR)
+        except UsbipError as exc:
+            return self._refuse(peer, dev, f"attach failed: {exc}", Status.ST_DEV_ERR)
+        logger.info("attached {} exported by {}:{} on vhci port {}", _describe(dev), peer.host,
+                    peer.port, port)
+
+        def undo() -> None:
+            logger.warning("reply to {} failed; detaching port {}", peer.host, port)
+            try:
+                self.vhci.detach(port)
+            except UsbipError as exc:
+                logger.error("could not detach port {}: {}", port, exc)
+
+        return Outcome(ExportReply(Status.ST_OK), undo)
+
+    def unexport(self, req: UnexportRequest, peer: Peer) -> Outcome:
+        busid = req.device.busid
+        try:
+            self.vhci.prune_records()
+            mine = self.vhci.find(peer.host, busid)
+            if mine is None:
+                others = [i for i in self.vhci.imported()
+                          if i.record is not None and i.record.busid == busid]
+                if others:
+                    logger.warning("refused unexport of {} from {}: exported by another peer",
+                                   busid, peer.host)
+                    return Outcome(UnexportReply(Status.ST_NA))
+                logger.info("unexport of {} from {}: not attached", busid, peer.host)
+                return Outcome(UnexportReply(Status.ST_NODEV))
+            self.vhci.detach(mine.port.port)
+        except UsbipError as exc:
+            logger.error("unexport of {} from {} failed: {}", busid, peer.host, exc)
+            return Outcome(UnexportReply(Status.ST_ERROR))
+        logger.info("detached {} unexported by {} from port {}", busid, peer.host,
+                    mine.port.port)
+        return Outcome(UnexportReply(Status.ST_OK))
+
+    def __call__(self, req: Request, peer: Peer, sock: socket.socket) -> Outcome:
+        if isinstance(req, ExportRequest):
+            return self.export(req, peer, sock)
+        if isinstance(req, UnexportRequest):
+            return self.unexport(req, peer)
+        # Listing and importing are usbipd's business.
+        logger.info("{} from {} refused: this is usbipa", type(req).__name__, peer.host)
+        if isinstance(req, DevlistRequest):
+            return Outcome(DevlistReply((), Status.ST_NA))
+        assert isinstance(req, ImportRequest)
+        return Outcome(ImportReply(Status.ST_NA))

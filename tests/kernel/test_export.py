@@ -1,0 +1,291 @@
+"""Exporting from the device side on the lab kernel: connect/disconnect to usbipa,
+16 concurrent exports, the firewall case in network namespaces, refusals,
+dead links and junk at usbipa.  Data is checked by reading the disks back."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from labkit import (
+    BOARD_IP,
+    NUM_UDC,
+    SERVER_IP,
+    USBIPX,
+    assert_vhci_disk_matches,
+    block_devices_under,
+    driver_of,
+    flood,
+    link_cut,
+    link_restore,
+    make_disk,
+    mass_storage_gadget,
+    netns_up,
+    read_block,
+    stub_status,
+    usb_busid_on_udc,
+    usbipx,
+    vhci_used_ports,
+    vudc_status,
+    wait_for,
+)
+
+from usbipx import protocol as p
+
+
+def records() -> dict[int, str]:
+    d = Path("/var/run/vhci_hcd")
+    return {int(f.name[4:]): f.read_text() for f in d.glob("port*")} if d.is_dir() else {}
+
+
+# -- the basic operation, both modes -------------------------------------------
+
+def test_connect_disconnect_stub(stub_disk, daemons) -> None:
+    busid, data = stub_disk
+    a = daemons("usbipa")
+    res = usbipx("-t", str(a.port), "connect", "-r", "127.0.0.1", "-b", busid)
+    assert f"exported {busid}" in res.stdout
+    assert driver_of(busid) == "usbip-host" and stub_status(busid) == "2"
+    assert_vhci_disk_matches(data)
+    (port, _), = vhci_used_ports()
+    assert records()[port].split()[0] == "127.0.0.1" and records()[port].split()[2] == busid
+    # Both our port listing and Debian's read usbipa's record.
+    c_port = subprocess.run(["usbip", "port"], capture_output=True, text=True).stdout
+    assert f"/{busid}" in c_port and "usbip://127.0.0.1:" in c_port
+    usbipx("-t", str(a.port), "disconnect", "-r", "127.0.0.1", "-b", busid)
+    assert vhci_used_ports() == []
+    assert records() == {}
+    assert driver_of(busid) == "usb"  # back on its original driver
+
+
+def test_connect_disconnect_vudc(vudc_disk, daemons) -> None:
+    vudc, data = vudc_disk
+    a = daemons("usbipa")
+    usbipx("-t", str(a.port), "connect", "-r", "127.0.0.1", "-b", vudc, "-d")
+    assert vudc_status(vudc) == "2"
+    assert_vhci_disk_matches(data)
+    usbipx("-t", str(a.port), "disconnect", "-r", "127.0.0.1", "-b", vudc, "-d")
+    assert vhci_used_ports() == []
+    wait_for(lambda: vudc_status(vudc) == "1", what="the vUDC to be available again")
+
+
+def test_connect_vudc_without_gadget_is_clear(daemons) -> None:
+    a = daemons("usbipa")
+    res = usbipx("-t", str(a.port), "connect", "-r", "127.0.0.1", "-b", "usbip-vudc.3", "-d",
+                 check=False)
+    assert res.returncode != 0 and "no gadget is bound to usbip-vudc.3" in res.stderr
+    assert vhci_used_ports() == []
+
+
+def test_connect_to_nobody_restores_driver(stub_disk) -> None:
+    busid, _ = stub_disk
+    res = usbipx("-t", "1", "connect", "-r", "127.0.0.1", "-b", busid, check=False)
+    assert res.returncode != 0 and "cannot connect" in res.stderr
+    assert driver_of(busid) == "usb"
+
+
+# -- 16 at once ---------------------------------------------------------------------
+
+def test_16_concurrent_exports_get_distinct_ports(tmp_path: Path, daemons) -> None:
+    heads: dict[bytes, str] = {}
+    targets = []
+    for k in range(NUM_UDC):
+        for kind, udc in (("s", f"dummy_udc.{k}"), ("v", f"usbip-vudc.{k}")):
+            backing = tmp_path / f"{kind}{k}.img"
+            data = make_disk(backing, 1)
+            heads[data[:65536]] = f"{kind}{k}"
+            mass_storage_gadget(f"{kind}{k}", backing, udc, product=0x0200 + k)
+            targets.append(usb_busid_on_udc(udc) if kind == "s" else udc)
+    for b in targets:
+        if not b.startswith("usbip-vudc"):
+            wait_for(lambda b=b: driver_of(b) == "usb", 60, what=f"{b} to enumerate")
+    a = daemons("usbipa")
+    t0 = time.monotonic()
+    procs = [subprocess.Popen(
+        [USBIPX, "-t", str(a.port), "connect", "-r", "127.0.0.1", "-b", b],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for b in targets]
+    results = [(b, pr.wait(300), pr.stderr.read()) for b, pr in zip(targets, procs, strict=True)]
+    wall = time.monotonic() - t0
+    failed = [(b, rc, err) for b, rc, err in results if rc != 0]
+    assert not failed, failed
+    used = vhci_used_ports()
+    assert len(used) == 16 and len({p for p, _ in used}) == 16
+    assert sorted(r.split()[2] for r in records().values()) == sorted(targets)
+    # Every disk arrives, each with its own content.
+    disks = wait_for(lambda: (d := block_devices_under("vhci_hcd")) and len(d) == 16 and d,
+                     180, 0.5, "16 disks on the vhci side")
+    seen = {heads.get(read_block(d, 65536)) for d in disks}
+    assert None not in seen and len(seen) == 16
+    print(f"16 concurrent exports in {wall:.1f} s")
+
+
+# -- the firewall case ------------------------------------------------------------
+
+def test_board_behind_firewall_can_connect_but_not_be_attached(stub_disk, daemons) -> None:
+    busid, data = stub_disk
+    netns_up(firewall=True)
+    a = daemons("usbipa", ns="server", host=SERVER_IP)
+    # The application side cannot reach a usbipd on the board: inbound TCP is dropped.
+    d = daemons("usbipd", ns="board", host=BOARD_IP)
+    usbipx("bind", "-b", busid)
+    res = usbipx("-t", str(d.port), "attach", "-r", BOARD_IP, "-b", busid, ns="server",
+                 check=False)
+    assert res.returncode != 0 and "cannot connect" in res.stderr
+    assert vhci_used_ports() == []
+    # The board connects out instead.
+    usbipx("-t", str(a.port), "connect", "-r", SERVER_IP, "-b", busid, ns="board")
+    assert_vhci_disk_matches(data)
+    (port, _), = vhci_used_ports()
+    assert records()[port].split()[0] == BOARD_IP
+    usbipx("-t", str(a.port), "disconnect", "-r", SERVER_IP, "-b", busid, ns="board")
+    assert vhci_used_ports() == []
+
+
+def test_dead_link_is_noticed_by_both_kernels_within_20s(stub_disk, daemons) -> None:
+    busid, data = stub_disk
+    netns_up(firewall=False)
+    a = daemons("usbipa", ns="server", host=SERVER_IP)
+    usbipx("-t", str(a.port), "connect", "-r", SERVER_IP, "-b", busid, ns="board")
+    assert_vhci_disk_matches(data)
+    link_cut("board")
+    t0 = time.monotonic()
+    try:
+        wait_for(lambda: not vhci_used_ports() and stub_status(busid) == "1", 30, 0.5,
+                 "both sides to drop the dead connection")
+    finally:
+        link_restore("board")
+    took = time.monotonic() - t0
+    print(f"dead link noticed after {took:.1f} s")
+    assert took <= 20
+
+
+# -- refusals -------------------------------------------------------------------
+
+def test_peer_outside_allow_is_refused(stub_disk, daemons) -> None:
+    busid, _ = stub_disk
+    a = daemons("usbipa", "--allow", "10.99.0.0/16")
+    res = usbipx("-t", str(a.port), "connect", "-r", "127.0.0.1", "-b", busid, check=False)
+    assert res.returncode != 0 and "ST_NA" in res.stderr
+    assert vhci_used_ports() == [] and driver_of(busid) == "usb"
+    assert "refused export of 1-1 (1d6b:0104) from 127.0.0.1" in a.output()
+
+
+def test_denied_device_is_refused(stub_disk, daemons, tmp_path: Path) -> None:
+    busid, _ = stub_disk
+    pol = tmp_path / "policy.toml"
+    pol.write_text('allow = ["127.0.0.0/8"]\n[[rule]]\naction = "deny"\n'
+                   "vendor = 0x1d6b\nproduct = 0x0104\n")
+    a = daemons("usbipa", "--policy", str(pol))
+    res = usbipx("-t", str(a.port), "connect", "-r", "127.0.0.1", "-b", busid, check=False)
+    assert res.returncode != 0 and "refused" in res.stderr
+    assert vhci_used_ports() == [] and driver_of(busid) == "usb"
+    assert "denied by rule 'deny vendor 1d6b product 0104'" in a.output()
+
+
+def test_per_peer_limit(stub_disk, vudc_disk, daemons) -> None:
+    busid, _ = stub_disk
+    vudc, _ = vudc_disk
+    a = daemons("usbipa", "--max-per-peer", "1")
+    usbipx("-t", str(a.port), "connect", "-r", "127.0.0.1", "-b", busid)
+    res = usbipx("-t", str(a.port), "connect", "-r", "127.0.0.1", "-b", vudc, check=False)
+    assert res.returncode != 0 and "ST_NA" in res.stderr
+    assert len(vhci_used_ports()) == 1
+    assert "limit 1" in a.output()
+
+
+def _raw(port: int, source: str, req: p.Request) -> p.Reply:
+    with socket.create_connection(("127.0.0.1", port), source_address=(source, 0)) as s:
+        s.sendall(req.pack())
+        dec = p.ReplyDecoder(req)
+        while (rep := dec.next_event()) is None:
+            dec.receive_data(s.recv(dec.needed()))
+    return rep
+
+
+def test_unexport_from_another_address_is_refused(stub_disk, daemons) -> None:
+    busid, data = stub_disk
+    a = daemons("usbipa")
+    usbipx("-t", str(a.port), "connect", "-r", "127.0.0.1", "-b", busid)
+    record = json.loads(usbipx("list", "-l", "--json").stdout)
+    dev = next(d for d in record if d["busid"] == busid)
+    rec = p.UsbDevice(dev["path"], busid, dev["busnum"], dev["devnum"], p.Speed.HIGH,
+                      0x1D6B, 0x0104, 0x0100)
+    rep = _raw(a.port, "127.0.0.2", p.UnexportRequest(rec))
+    assert rep.status == p.Status.ST_NA
+    assert len(vhci_used_ports()) == 1
+    assert_vhci_disk_matches(data)
+    assert "exported by another peer" in a.output()
+    usbipx("-t", str(a.port), "disconnect", "-r", "127.0.0.1", "-b", busid)
+    assert vhci_used_ports() == []
+
+
+def test_unexport_of_unknown_device_is_nodev(stub_disk, daemons) -> None:
+    busid, _ = stub_disk
+    a = daemons("usbipa")
+    usbipx("bind", "-b", busid)
+    res = usbipx("-t", str(a.port), "disconnect", "-r", "127.0.0.1", "-b", busid, check=False)
+    assert res.returncode != 0 and "ST_NODEV" in res.stderr
+    assert driver_of(busid) == "usbip-host"  # nothing changed locally without --force
+    usbipx("-t", str(a.port), "disconnect", "-r", "127.0.0.1", "-b", busid, "--force")
+    assert driver_of(busid) == "usb"
+
+
+# -- junk at usbipa -----------------------------------------------------------------
+
+def test_usbipa_survives_1000_bad_pdus_without_leaks(stub_disk, daemons) -> None:
+    busid, data = stub_disk
+    a = daemons("usbipa")
+    rec = p.UsbDevice("/sys/devices/platform/x", "1-1", 1, 2, p.Speed.HIGH, 1, 2, 3).pack()
+    valid = [
+        struct.pack(">HHI", 0x0111, 0x8006, 0) + rec,
+        struct.pack(">HHI", 0x0111, 0x8007, 0) + rec,
+        struct.pack(">HHI", 0x0111, 0x8005, 0),
+    ]
+    usbipx("-t", str(a.port), "connect", "-r", "127.0.0.1", "-b", busid)
+    usbipx("-t", str(a.port), "disconnect", "-r", "127.0.0.1", "-b", busid)
+    fds_before = len(os.listdir(f"/proc/{a.proc.pid}/fd"))
+    t0 = time.monotonic()
+
+    def still_serving() -> None:
+        usbipx("-t", str(a.port), "connect", "-r", "127.0.0.1", "-b", busid)
+        assert_vhci_disk_matches(data)
+        usbipx("-t", str(a.port), "disconnect", "-r", "127.0.0.1", "-b", busid)
+
+    sent = flood(a.port, valid, 1200, seed=99, during=still_serving)
+    assert a.alive()
+    # Junk that happened to decode as an export was attached; its connection is
+    # closed, so the kernel frees those ports by itself.
+    wait_for(lambda: vhci_used_ports() == [], 30, 0.5, "vhci ports to be free")
+    wait_for(lambda: len(os.listdir(f"/proc/{a.proc.pid}/fd")) <= fds_before, 10,
+             what="usbipa's fd count to settle")
+    # A fresh export prunes the records of ports the kernel freed.
+    still_serving()
+    assert records() == {}
+    print(f"{sent} bad PDUs at usbipa in {time.monotonic() - t0:.1f} s")
+
+
+def test_ipv6_loopback_export(stub_disk, daemons) -> None:
+    busid, data = stub_disk
+    a = daemons("usbipa", "-6", host="::1")
+    usbipx("-t", str(a.port), "connect", "-r", "::1", "-b", busid)
+    assert_vhci_disk_matches(data)
+    (port, _), = vhci_used_ports()
+    assert records()[port].split()[0] == "::1"
+    usbipx("-t", str(a.port), "disconnect", "-r", "::1", "-b", busid)
+
+
+@pytest.mark.parametrize("bad", ["usbip-vudc.0", "1-1"])
+def test_connect_mode_mismatch_is_clear(bad: str, daemons) -> None:
+    a = daemons("usbipa")
+    args = ["-t", str(a.port), "connect", "-r", "127.0.0.1", "-b", bad]
+    if bad == "1-1":
+        args.append("-d")
+    res = usbipx(*args, check=False)
+    assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1
+    assert vhci_used_ports() == []
