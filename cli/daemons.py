@@ -17,12 +17,12 @@ from usbipx.net import Keepalive
 def run_server(st: State, name: str, handler: Handler, cfg: ServerConfig, detach: bool,
                pidfile: str | None, log_file: str | None) -> None:
     """Bind first (so errors reach the terminal), then detach if asked, then serve."""
+    log.configure(st.debug, level="INFO")
     server = Server(name, handler, cfg)
     server.open()
     if detach:
         daemonize()
     if log_file:
-        log.configure(st.debug)
         from loguru import logger
 
         logger.add(log_file, level="DEBUG" if st.debug else "INFO")

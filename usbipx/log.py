@@ -17,12 +17,16 @@ _DEBUG_FORMAT = (
 )
 
 
-def configure(debug: bool = False, fmt: str | None = None) -> None:
-    """Send log records to stderr: INFO and up, or everything with ``debug``."""
+def configure(debug: bool = False, fmt: str | None = None, level: str = "WARNING") -> None:
+    """Send log records to stderr: ``level`` and up, or everything with ``debug``.
+
+    Commands print their results themselves and log warnings only; daemons
+    pass ``level="INFO"`` so that every request leaves a line.
+    """
     logger.remove()
     logger.add(
         sys.stderr,
-        level="DEBUG" if debug else "INFO",
+        level="DEBUG" if debug else level,
         format=fmt or (_DEBUG_FORMAT if debug else _FORMAT),
         colorize=False,
         backtrace=False,
