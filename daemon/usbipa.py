@@ -62,8 +62,10 @@ class UsbipaHandler:
         if dev.speed in (Speed.UNKNOWN, Speed.WIRELESS):
             return self._refuse(peer, dev, f"cannot attach a device of {dev.speed.label}")
         try:
-            self.vhci.prune_records()
-            stale = self.vhci.find(peer.host, dev.busid)
+            # One reading of vhci's state serves the whole decision.
+            ports = self.vhci.ports()
+            imported = self.vhci.prune_records(ports)
+            stale = self.vhci.find(peer.host, dev.busid, imported)
             if stale is not None:
                 # The device side only exports an available device, so an old
                 # attachment of the same device from the same peer is a dead
@@ -71,12 +73,12 @@ class UsbipaHandler:
                 logger.info("replacing stale attachment of {} from {} on port {}",
                             dev.busid, peer.host, stale.port.port)
                 self.vhci.detach(stale.port.port)
-            held = sum(1 for i in self.vhci.imported()
-                       if i.record is not None and i.record.host == peer.host)
+            held = sum(1 for i in imported if i is not stale
+                       and i.record is not None and i.record.host == peer.host)
             reason = self.policy.refuse_count(held)
             if reason:
                 return self._refuse(peer, dev, reason)
-            port = self.vhci.attach(sock.fileno(), dev, peer.host, str(peer.port))
+            port = self.vhci.attach(sock.fileno(), dev, peer.host, str(peer.port), ports)
         except NoFreePort as exc:
             return self._refuse(peer, dev, str(exc), Status.ST_DEV_BUSY)
         except ValidationError as exc:
@@ -100,10 +102,10 @@ class UsbipaHandler:
     def unexport(self, req: UnexportRequest, peer: Peer) -> Outcome:
         busid = req.device.busid
         try:
-            self.vhci.prune_records()
-            mine = self.vhci.find(peer.host, busid)
+            imported = self.vhci.prune_records()
+            mine = self.vhci.find(peer.host, busid, imported)
             if mine is None:
-                others = [i for i in self.vhci.imported()
+                others = [i for i in imported
                           if i.record is not None and i.record.busid == busid]
                 if others:
                     logger.warning("refused unexport of {} from {}: exported by another peer",

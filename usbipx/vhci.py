@@ -138,17 +138,19 @@ class VhciDriver:
                 return p
         raise DeviceNotFound(f"vhci_hcd has no port {port}")
 
-    def free_port(self, speed: Speed) -> int:
-        """The lowest free port of the hub type ``speed`` needs."""
+    def free_port(self, speed: Speed, ports: list[VhciPort] | None = None) -> int:
+        """The lowest free port of the hub type ``speed`` needs (in ``ports`` if given)."""
         hub = hub_for(speed)
-        for p in self.ports():
+        for p in self.ports() if ports is None else ports:
             if p.hub == hub and p.free:
                 return p.port
         raise NoFreePort(f"no free {hub} port on vhci_hcd for a {speed.label} device")
 
-    def attach(self, sockfd: int, device: UsbDevice, host: str, service: str) -> int:
+    def attach(self, sockfd: int, device: UsbDevice, host: str, service: str,
+               ports: list[VhciPort] | None = None) -> int:
         """Attach the device behind connected socket ``sockfd``; return the port.
 
+        ``ports`` is a fresh :meth:`ports` reading the caller already has.
         Another process may take the port we picked between reading
         ``status`` and writing ``attach`` (the kernel then answers EBUSY):
         pick again rather than report a false "no free port".  The port is
@@ -158,7 +160,8 @@ class VhciDriver:
             raise ValidationError(f"{device.busid}: cannot attach a device of {device.speed.label}")
         tried: set[int] = set()
         while True:
-            port = self.free_port(device.speed)
+            port = self.free_port(device.speed, ports)
+            ports = None  # after a lost race, read the kernel's state again
             if port in tried:
                 raise NoFreePort(f"vhci_hcd port {port} stays busy; giving up")
             tried.add(port)
@@ -225,20 +228,25 @@ class VhciDriver:
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             self.sysfs.path(self._record_path(port)).unlink()
 
-    def prune_records(self) -> None:
-        """Forget records of ports the kernel has freed by itself (dead connections)."""
-        used = {p.port for p in self.ports() if not p.free}
+    def prune_records(self, ports: list[VhciPort] | None = None) -> list[ImportedDevice]:
+        """Forget records of ports the kernel has freed by itself (dead
+        connections); return the ports in use with their records."""
+        ports = self.ports() if ports is None else ports
+        used = {p.port for p in ports if not p.free}
         for name in self.sysfs.listdir(STATE_DIR):
             if name.startswith("port") and name[4:].isdigit() and int(name[4:]) not in used:
                 self.remove_record(int(name[4:]))
+        return self.imported(ports)
 
-    def imported(self) -> list[ImportedDevice]:
+    def imported(self, ports: list[VhciPort] | None = None) -> list[ImportedDevice]:
         """Ports in use, with their records."""
-        return [ImportedDevice(p, self.read_record(p.port)) for p in self.ports() if not p.free]
+        ports = self.ports() if ports is None else ports
+        return [ImportedDevice(p, self.read_record(p.port)) for p in ports if not p.free]
 
-    def find(self, host: str, busid: str) -> ImportedDevice | None:
+    def find(self, host: str, busid: str,
+             imported: list[ImportedDevice] | None = None) -> ImportedDevice | None:
         """The used port whose record says it leads to ``busid`` at ``host``."""
-        for imp in self.imported():
+        for imp in self.imported() if imported is None else imported:
             if imp.record and imp.record.host == host and imp.record.busid == busid:
                 return imp
         return None

@@ -204,6 +204,25 @@ def vhci_used_ports() -> list[tuple[int, str]]:
     return out
 
 
+def reset_usbip_ports_only() -> None:
+    """Detach every vhci port and wait until every exported device is available again."""
+    for port, _ in vhci_used_ports():
+        with contextlib.suppress(OSError):
+            (VHCI0 / "detach").write_text(str(port))
+    for rec in Path("/var/run/vhci_hcd").glob("port*"):
+        rec.unlink()
+
+    def settled() -> bool:
+        for st in [*Path("/sys/bus/usb/devices").glob("*/usbip_status"),
+                   *Path("/sys/devices/platform").glob("usbip-vudc.*/usbip_status")]:
+            with contextlib.suppress(OSError):
+                if st.read_text().strip() == "2":
+                    return False
+        return True
+
+    wait_for(settled, 30, what="exported devices to be available again")
+
+
 def reset_usbip() -> None:
     """Detach every vhci port, unbind every stub device, remove every gadget."""
     for port, _ in vhci_used_ports():
