@@ -168,8 +168,9 @@ def _c_reference(busids: list[str]) -> tuple[float, float]:
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for b in targets]
             if any(p.wait() != 0 for p in procs):
                 raise RuntimeError("a C attach failed")
-            disks = lab.wait_for(lambda n=len(targets): (d := lab.block_devices_under(
-                "vhci_hcd")) and len(d) == n and d, 180, 0.1, "disks")
+            want = len(targets)
+            disks = lab.wait_for(lambda want=want: (d := lab.block_devices_under(
+                "vhci_hcd")) and len(d) == want and d, 180, 0.1, "disks")
             for d in disks:
                 lab.read_block(d, 4096)
             out.append(time.monotonic() - t0)
