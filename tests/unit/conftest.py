@@ -13,6 +13,7 @@ See ``fakekernel.py`` for the kernel's API (write log, faults, races).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -58,3 +59,13 @@ def kernel(request: pytest.FixtureRequest, make_kernel: Callable[..., FakeKernel
 def sysfs(kernel: FakeKernel) -> FakeKernelSysfs:
     """The fake kernel's Sysfs, for the drivers under test."""
     return kernel.sysfs
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """CLI tests configure loguru (sinks on the runner's stderr); undo after each test."""
+    from loguru import logger
+
+    yield
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
