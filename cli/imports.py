@@ -105,12 +105,12 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"       {usbids.describe(*ids)}")
             if imp.record:
                 r = imp.record
-                typer.echo(f"       {p.local_busid} -> usbip://{r.host}:{r.service}/{r.busid}")
+                typer.echo(f"{p.local_busid:>10} -> usbip://{r.host}:{r.service}/{r.busid}")
             else:
-                typer.echo(f"       {p.local_busid} -> unknown host, remote port and remote busid")
+                typer.echo(f"{p.local_busid:>10} -> unknown host, remote port and remote busid")
             typer.echo(f"           -> remote bus/dev {p.devid >> 16:03d}/{p.devid & 0xFFFF:03d}")
 
 
 def _status_label(name: str) -> str:
-    return {"USED": "Port in Use", "NOTASSIGNED": "Port Available",
+    return {"USED": "Port in Use", "NOTASSIGNED": "Port Initializing",
             "ERROR": "Port Error"}.get(name, name.title())

@@ -154,7 +154,11 @@ def policy_from_dict(data: dict[str, Any], source: str = "policy") -> Policy:
         rules.append(DeviceRule(action, _int_field(r, "vendor", 16, where),
                                 _int_field(r, "product", 16, where),
                                 _int_field(r, "class", 8, where)))
-    return Policy(tuple(parse_network(a) for a in allow), tuple(rules), default, limit)
+    try:
+        networks = tuple(parse_network(a) for a in allow)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: allow: {exc}") from None
+    return Policy(networks, tuple(rules), default, limit)
 
 
 def load_policy(path: str | Path) -> Policy:

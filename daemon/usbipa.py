@@ -78,7 +78,9 @@ class UsbipaHandler:
             reason = self.policy.refuse_count(held)
             if reason:
                 return self._refuse(peer, dev, reason)
-            port = self.vhci.attach(sock.fileno(), dev, peer.host, str(peer.port), ports)
+            # A detach above made the reading stale: its port is free again.
+            port = self.vhci.attach(sock.fileno(), dev, peer.host, str(peer.port),
+                                    ports if stale is None else None)
         except NoFreePort as exc:
             return self._refuse(peer, dev, str(exc), Status.ST_DEV_BUSY)
         except ValidationError as exc:

@@ -34,8 +34,12 @@ class Keepalive:
     user_timeout_ms: int = 15000
 
     def __post_init__(self) -> None:
-        if min(self.idle, self.interval, self.count) < 1 or self.user_timeout_ms < 0:
-            raise ValueError("keepalive idle/interval/count must be >= 1 and user timeout >= 0")
+        # Linux's limits (MAX_TCP_KEEPIDLE/KEEPINTVL/KEEPCNT, an int timeout):
+        # beyond them setsockopt fails with EINVAL at connection time.
+        if (not 1 <= self.idle <= 32767 or not 1 <= self.interval <= 32767
+                or not 1 <= self.count <= 127 or not 0 <= self.user_timeout_ms <= 2**31 - 1):
+            raise ValueError("keepalive idle/interval must be 1..32767, count 1..127 "
+                             "and user timeout 0..2147483647 ms")
 
     @classmethod
     def parse(cls, text: str) -> Keepalive:

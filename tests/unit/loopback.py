@@ -1,0 +1,104 @@
+"""A real :class:`usbipx.daemon.server.Server` on 127.0.0.1, served from a background thread.
+
+    with LoopbackServer(handler) as srv:           # handler: (request, peer, sock) -> Outcome
+        sock = srv.connect()                        # a plain client socket
+        list_remote("127.0.0.1", srv.port)
+
+The server runs its own event loop in a daemon thread; leaving the block
+stops it (as SIGTERM would) and waits for the thread.  Handlers run in that
+thread: a fake kernel they touch is the one the test sees (pyfakefs is
+process-wide).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from usbipx.daemon.server import Handler, Server, ServerConfig
+
+HOST = "127.0.0.1"
+
+
+class LoopbackServer:
+    """``Server(name, handler, cfg)`` bound to 127.0.0.1 on a free port."""
+
+    def __init__(self, handler: Handler, name: str = "test", **cfg: Any) -> None:
+        cfg.setdefault("port", 0)
+        cfg.setdefault("ipv6", False)
+        cfg.setdefault("bind_address", HOST)
+        self.server = Server(name, handler, ServerConfig(**cfg))
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"server-{name}", daemon=True)
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        def ready(_: Server) -> None:
+            self._loop = asyncio.get_running_loop()
+            self._ready.set()
+
+        try:
+            asyncio.run(self.server.run(ready))
+        except BaseException as exc:  # surfaced by __exit__
+            self.error = exc
+            self._ready.set()
+
+    @property
+    def port(self) -> int:
+        return self.server.addresses[0][1]
+
+    def connect(self, timeout: float = 5.0) -> socket.socket:
+        """A plain blocking TCP connection to the server."""
+        return socket.create_connection((HOST, self.port), timeout=timeout)
+
+    def wait_for(self, cond: Callable[[Server], bool], timeout: float = 5.0) -> None:
+        """Poll until ``cond(server)`` holds (e.g. a connection was accepted)."""
+        deadline = time.monotonic() + timeout
+        while not cond(self.server):
+            if time.monotonic() > deadline:
+                raise AssertionError("server did not reach the expected state in time")
+            time.sleep(0.01)
+
+    def __enter__(self) -> LoopbackServer:
+        self.server.open()
+        self._thread.start()
+        if not self._ready.wait(5.0) or self.error is not None:
+            raise RuntimeError(f"server did not start: {self.error!r}")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self.server.stop)
+        self._thread.join(5.0)
+        assert not self._thread.is_alive(), "server thread did not stop"
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+        if self.error is not None and exc is None:
+            raise self.error
+
+
+def read_to_eof(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    """Everything the peer sends until it closes (a reset counts as the end)."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (for connection-refused tests)."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])

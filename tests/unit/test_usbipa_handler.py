@@ -1,0 +1,408 @@
+"""UsbipaHandler with VhciDriver on the fake kernel: exports attach, policy refuses, unexports detach.
+
+The handler is called directly with a real connected socket (one end of a
+``socketpair``) and a :class:`Peer`; the fake vhci_hcd records the descriptor
+written to ``attach``.  Records are ``/var/run/vhci_hcd/port<N>`` as the C
+tools write them: ``"<host> <port> <busid>"``.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from collections.abc import Iterator
+
+import pytest
+from fakekernel import VHCI0, FakeKernel, VdevStatus
+from loguru import logger
+
+from usbipx import protocol as p
+from usbipx.daemon.policy import DeviceRule, Policy
+from usbipx.daemon.server import Outcome, Peer
+from usbipx.daemon.usbipa import UsbipaHandler
+from usbipx.vhci import STATE_DIR, VhciDriver
+
+pytestmark = pytest.mark.scenario("vhci_free")
+
+ATTACH = f"{VHCI0}/attach"
+DETACH = f"{VHCI0}/detach"
+A = Peer("10.0.0.5", 40000)
+B = Peer("10.0.0.6", 40001)
+
+
+def dev(busid: str = "1-1", speed: p.Speed = p.Speed.HIGH, vendor: int = 0x1D6B,
+        product: int = 0x0104, dclass: int = 0, busnum: int = 1, devnum: int = 2) -> p.UsbDevice:
+    return p.UsbDevice(f"/sys/devices/platform/dummy_hcd.0/usb1/{busid}", busid, busnum, devnum,
+                       speed, vendor, product, 0x0100, device_class=dclass)
+
+
+D11 = dev()
+D21 = dev("2-1", busnum=2)
+
+
+@pytest.fixture
+def socks() -> Iterator[list[socket.socket]]:
+    """Connected sockets, as the server would pass them; closed after the test."""
+    made: list[socket.socket] = []
+    yield made
+    for s in made:
+        s.close()
+
+
+@pytest.fixture
+def new_sock(socks: list[socket.socket]) -> Iterator[object]:
+    def make() -> socket.socket:
+        a, b = socket.socketpair()
+        socks.extend((a, b))
+        return a
+
+    yield make
+
+
+@pytest.fixture
+def logs() -> Iterator[list[str]]:
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(m.record["message"]), level="DEBUG")
+    yield lines
+    logger.remove(sink)
+
+
+@pytest.fixture
+def vhci(kernel: FakeKernel) -> VhciDriver:
+    return VhciDriver(kernel.sysfs)
+
+
+def record(kernel: FakeKernel, port: int) -> str | None:
+    path = f"{STATE_DIR}/port{port}"
+    return kernel.read(path) if kernel.exists(path) else None
+
+
+def used_ports(kernel: FakeKernel) -> list[int]:
+    return [x.port for x in VhciDriver(kernel.sysfs).ports() if not x.free]
+
+
+def export(h: UsbipaHandler, new_sock, d: p.UsbDevice = D11, peer: Peer = A
+           ) -> tuple[Outcome, socket.socket]:
+    s = new_sock()
+    return h(p.ExportRequest(d), peer, s), s
+
+
+def unexport(h: UsbipaHandler, new_sock, d: p.UsbDevice = D11, peer: Peer = A) -> Outcome:
+    out = h(p.UnexportRequest(d), peer, new_sock())
+    assert out.undo is None
+    return out
+
+
+# -- export ---------------------------------------------------------------------------
+
+def test_export_attaches_and_records(kernel: FakeKernel, vhci: VhciDriver, new_sock,
+                                     logs: list[str]) -> None:
+    h = UsbipaHandler(vhci)
+    out, s = export(h, new_sock)
+    assert out.reply == p.ExportReply(p.Status.ST_OK)
+    assert kernel.writes == [(ATTACH, f"0 {s.fileno()} 65538 3")]
+    assert record(kernel, 0) == "10.0.0.5 40000 1-1\n"
+    v = kernel.vhci_port(0)
+    assert (v.status, v.sockfd, v.devid, v.speed) == (VdevStatus.USED, s.fileno(), 65538, 3)
+    assert any("attached 1-1 (1d6b:0104) exported by 10.0.0.5:40000 on vhci port 0" in m
+               for m in logs)
+
+
+def test_super_speed_export_goes_to_an_ss_port(kernel: FakeKernel, vhci: VhciDriver,
+                                               new_sock) -> None:
+    out, s = export(UsbipaHandler(vhci), new_sock, dev(speed=p.Speed.SUPER))
+    assert out.reply.status == p.Status.ST_OK
+    assert kernel.writes == [(ATTACH, f"15 {s.fileno()} 65538 5")]
+    assert record(kernel, 15) == "10.0.0.5 40000 1-1\n"
+
+
+def test_undo_detaches(kernel: FakeKernel, vhci: VhciDriver, new_sock,
+                       logs: list[str]) -> None:
+    out, _ = export(UsbipaHandler(vhci), new_sock)
+    assert out.undo is not None
+    kernel.clear_log()
+    out.undo()
+    assert kernel.writes == [(DETACH, "0")]
+    assert used_ports(kernel) == []
+    assert record(kernel, 0) is None
+    assert any("detaching port 0" in m for m in logs)
+
+
+def test_undo_after_the_kernel_dropped_the_port_only_logs(kernel: FakeKernel, vhci: VhciDriver,
+                                                          new_sock, logs: list[str]) -> None:
+    out, _ = export(UsbipaHandler(vhci), new_sock)
+    kernel.vhci_unplug(0)
+    assert out.undo is not None
+    out.undo()  # must not raise
+    assert any("could not detach port 0" in m for m in logs)
+    assert record(kernel, 0) is None
+
+
+def test_two_devices_two_ports(kernel: FakeKernel, vhci: VhciDriver, new_sock) -> None:
+    h = UsbipaHandler(vhci)
+    assert export(h, new_sock, D11)[0].reply.status == p.Status.ST_OK
+    assert export(h, new_sock, D21, B)[0].reply.status == p.Status.ST_OK
+    assert used_ports(kernel) == [0, 1]
+    assert record(kernel, 1) == "10.0.0.6 40001 2-1\n"
+
+
+# -- policy ---------------------------------------------------------------------------
+
+def net(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(text)
+
+
+@pytest.mark.parametrize("policy,peer,reason", [
+    (Policy(networks=(net("192.168.0.0/16"), net("fd00::/8"))), A, "outside the allowed networks"),
+    (Policy(rules=(DeviceRule("deny", vendor=0x1D6B, product=0x0104),)), A,
+     "denied by rule 'deny vendor 1d6b product 0104'"),
+    (Policy(rules=(DeviceRule("allow", vendor=0x0403),), default="deny"), A,
+     "denied by default policy"),
+    (Policy(rules=(DeviceRule("deny", device_class=0),
+                   DeviceRule("allow", vendor=0x1D6B))), A, "denied by rule 'deny class 00'"),
+])
+def test_policy_refusal(kernel: FakeKernel, vhci: VhciDriver, new_sock, logs: list[str],
+                        policy: Policy, peer: Peer, reason: str) -> None:
+    out, _ = export(UsbipaHandler(vhci, policy), new_sock, D11, peer)
+    assert out.reply == p.ExportReply(p.Status.ST_NA)
+    assert out.undo is None
+    assert kernel.writes == []
+    assert used_ports(kernel) == []
+    assert not kernel.exists(f"{STATE_DIR}/port0")
+    (line,) = [m for m in logs if m.startswith("refused export")]
+    assert "1-1 (1d6b:0104)" in line and peer.host in line and reason in line
+
+
+def test_policy_admits_peer_inside_networks_and_allowed_device(kernel: FakeKernel,
+                                                                vhci: VhciDriver,
+                                                                new_sock) -> None:
+    policy = Policy(networks=(net("10.0.0.0/8"),),
+                    rules=(DeviceRule("allow", vendor=0x1D6B),
+                           DeviceRule("deny", vendor=0x1D6B, product=0x0104)),
+                    default="deny")
+    assert export(UsbipaHandler(vhci, policy), new_sock)[0].reply.status == p.Status.ST_OK
+
+
+def test_per_peer_limit_counts_only_that_peers_devices(kernel: FakeKernel, vhci: VhciDriver,
+                                                       new_sock, logs: list[str]) -> None:
+    h = UsbipaHandler(vhci, Policy(max_devices_per_peer=1))
+    assert export(h, new_sock, D11, B)[0].reply.status == p.Status.ST_OK
+    kernel.vhci_plug(1)  # a device attached by someone else, without a record
+    # A holds nothing yet: B's device and the unrecorded port do not count.
+    assert export(h, new_sock, D11, A)[0].reply.status == p.Status.ST_OK
+    kernel.clear_log()
+    out, _ = export(h, new_sock, D21, A)
+    assert out.reply == p.ExportReply(p.Status.ST_NA)
+    assert kernel.writes == []
+    assert any("10.0.0.5" in m and "2-1 (1d6b:0104)" in m and "limit 1" in m for m in logs)
+    # A withdraws its device and may export another.
+    assert unexport(h, new_sock, D11, A).reply.status == p.Status.ST_OK
+    assert export(h, new_sock, D21, A)[0].reply.status == p.Status.ST_OK
+
+
+def test_reexport_of_the_same_device_does_not_count_against_the_limit(
+        kernel: FakeKernel, vhci: VhciDriver, new_sock) -> None:
+    h = UsbipaHandler(vhci, Policy(max_devices_per_peer=1))
+    assert export(h, new_sock)[0].reply.status == p.Status.ST_OK
+    assert export(h, new_sock)[0].reply.status == p.Status.ST_OK  # replaces the stale one
+
+
+# -- what vhci_hcd cannot do --------------------------------------------------------------
+
+@pytest.mark.parametrize("speed", [p.Speed.UNKNOWN, p.Speed.WIRELESS])
+def test_speed_vhci_cannot_take_is_refused(kernel: FakeKernel, vhci: VhciDriver, new_sock,
+                                           logs: list[str], speed: p.Speed) -> None:
+    out, _ = export(UsbipaHandler(vhci), new_sock, dev(speed=speed))
+    assert out.reply == p.ExportReply(p.Status.ST_NA)
+    assert kernel.writes == []
+    assert any("refused export of 1-1" in m and speed.label in m for m in logs)
+
+
+def test_no_free_port_is_busy(kernel: FakeKernel, vhci: VhciDriver, new_sock,
+                              logs: list[str]) -> None:
+    for port in range(240):
+        if (port // 15) % 2 == 0:
+            kernel.vhci_plug(port)
+    out, _ = export(UsbipaHandler(vhci), new_sock)
+    assert out.reply == p.ExportReply(p.Status.ST_DEV_BUSY)
+    assert kernel.writes == []
+    assert any("no free hs port" in m for m in logs)
+
+
+def test_vhci_unloaded_is_an_error(kernel: FakeKernel, vhci: VhciDriver, new_sock,
+                                   logs: list[str]) -> None:
+    kernel.unload("vhci-hcd")
+    out, _ = export(UsbipaHandler(vhci), new_sock)
+    assert out.reply == p.ExportReply(p.Status.ST_ERROR)
+    assert kernel.writes == []
+    assert any("vhci-hcd is not loaded" in m for m in logs)
+    assert unexport(UsbipaHandler(vhci), new_sock).reply == p.UnexportReply(p.Status.ST_ERROR)
+
+
+def test_kernel_refusing_the_attach_is_a_device_error(kernel: FakeKernel, vhci: VhciDriver,
+                                                      new_sock) -> None:
+    kernel.fail(ATTACH, errno.EINVAL)
+    out, s = export(UsbipaHandler(vhci), new_sock)
+    assert out.reply == p.ExportReply(p.Status.ST_DEV_ERR)
+    assert kernel.writes == [(ATTACH, f"0 {s.fileno()} 65538 3")]
+    assert used_ports(kernel) == []
+    assert record(kernel, 0) is None
+
+
+# -- stale attachments -------------------------------------------------------------------
+
+def test_stale_attachment_of_the_same_device_is_replaced(kernel: FakeKernel, vhci: VhciDriver,
+                                                          new_sock, logs: list[str]) -> None:
+    h = UsbipaHandler(vhci)
+    assert export(h, new_sock, D21, A)[0].reply.status == p.Status.ST_OK  # port 0, stays
+    _, old = export(h, new_sock, D11, A)  # port 1
+    kernel.clear_log()
+    again = Peer(A.host, 40999)  # the device side reconnected from a new port
+    out, new = export(h, new_sock, D11, again)
+    assert out.reply.status == p.Status.ST_OK
+    assert kernel.writes == [(DETACH, "1"), (ATTACH, f"1 {new.fileno()} 65538 3")]
+    assert kernel.vhci_port(1).sockfd == new.fileno() != old.fileno()
+    assert record(kernel, 1) == "10.0.0.5 40999 1-1\n"
+    assert used_ports(kernel) == [0, 1]
+    assert any("replacing stale attachment of 1-1 from 10.0.0.5 on port 1" in m for m in logs)
+
+
+def test_stale_attachment_on_the_last_free_port_is_replaced(kernel: FakeKernel,
+                                                             vhci: VhciDriver, new_sock) -> None:
+    """Every other hs port is taken: the port the stale attachment frees is the one to use."""
+    h = UsbipaHandler(vhci)
+    export(h, new_sock, D11, A)  # port 0
+    for port in range(1, 240):
+        if (port // 15) % 2 == 0:
+            kernel.vhci_plug(port)
+    kernel.clear_log()
+    out, new = export(h, new_sock, D11, Peer(A.host, 40999))
+    assert out.reply == p.ExportReply(p.Status.ST_OK)
+    assert kernel.writes == [(DETACH, "0"), (ATTACH, f"0 {new.fileno()} 65538 3")]
+    assert record(kernel, 0) == "10.0.0.5 40999 1-1\n"
+
+
+def test_same_busid_from_another_peer_is_another_device(kernel: FakeKernel, vhci: VhciDriver,
+                                                        new_sock) -> None:
+    h = UsbipaHandler(vhci)
+    export(h, new_sock, D11, A)
+    kernel.clear_log()
+    out, s = export(h, new_sock, D11, B)
+    assert out.reply.status == p.Status.ST_OK
+    assert kernel.writes == [(ATTACH, f"1 {s.fileno()} 65538 3")]  # A's port 0 untouched
+    assert used_ports(kernel) == [0, 1]
+
+
+def test_records_of_ports_the_kernel_freed_are_pruned(kernel: FakeKernel, vhci: VhciDriver,
+                                                      new_sock) -> None:
+    """A dead connection freed port 0 and its record is forgotten at the next request, so
+    when a process that keeps no records takes port 0, a re-export of 1-1 leaves it alone."""
+    h = UsbipaHandler(vhci)
+    export(h, new_sock, D11, A)
+    kernel.vhci_unplug(0)
+    assert record(kernel, 0) == "10.0.0.5 40000 1-1\n"  # left behind by the kernel
+    assert unexport(h, new_sock, D21, B).reply.status == p.Status.ST_NODEV  # any request
+    assert record(kernel, 0) is None
+    kernel.vhci_plug(0, devid=0x00050007, sockfd=77)
+    kernel.clear_log()
+    out, s = export(h, new_sock, D11, A)
+    assert out.reply.status == p.Status.ST_OK
+    assert kernel.writes == [(ATTACH, f"1 {s.fileno()} 65538 3")]
+    assert (kernel.vhci_port(0).status, kernel.vhci_port(0).sockfd) == (VdevStatus.USED, 77)
+    assert record(kernel, 0) is None
+    assert record(kernel, 1) == "10.0.0.5 40000 1-1\n"
+
+
+def test_export_after_the_kernel_freed_the_port_attaches_afresh(kernel: FakeKernel,
+                                                                vhci: VhciDriver,
+                                                                new_sock) -> None:
+    h = UsbipaHandler(vhci)
+    export(h, new_sock, D11, A)
+    kernel.vhci_unplug(0)
+    kernel.clear_log()
+    out, s = export(h, new_sock, D11, Peer(A.host, 40100))
+    assert out.reply.status == p.Status.ST_OK
+    assert kernel.writes == [(ATTACH, f"0 {s.fileno()} 65538 3")]  # no detach of a free port
+    assert record(kernel, 0) == "10.0.0.5 40100 1-1\n"
+
+
+def test_unexport_prunes_too(kernel: FakeKernel, vhci: VhciDriver, new_sock) -> None:
+    h = UsbipaHandler(vhci)
+    export(h, new_sock, D11, A)
+    kernel.vhci_unplug(0)
+    kernel.clear_log()
+    assert unexport(h, new_sock, D11, A).reply == p.UnexportReply(p.Status.ST_NODEV)
+    assert kernel.writes == []
+    assert record(kernel, 0) is None
+
+
+# -- unexport --------------------------------------------------------------------------
+
+def test_unexport_from_the_exporting_peer_detaches(kernel: FakeKernel, vhci: VhciDriver,
+                                                   new_sock, logs: list[str]) -> None:
+    h = UsbipaHandler(vhci)
+    export(h, new_sock, D21, B)  # port 0: another peer's, untouched
+    export(h, new_sock, D11, A)  # port 1
+    kernel.clear_log()
+    # The device side reconnects from another source port to unexport.
+    out = unexport(h, new_sock, D11, Peer(A.host, 41234))
+    assert out.reply == p.UnexportReply(p.Status.ST_OK)
+    assert kernel.writes == [(DETACH, "1")]
+    assert record(kernel, 1) is None
+    assert used_ports(kernel) == [0]
+    assert record(kernel, 0) == "10.0.0.6 40001 2-1\n"
+    assert any("detached 1-1 unexported by 10.0.0.5 from port 1" in m for m in logs)
+
+
+def test_unexport_from_another_peer_is_refused(kernel: FakeKernel, vhci: VhciDriver,
+                                               new_sock, logs: list[str]) -> None:
+    h = UsbipaHandler(vhci)
+    export(h, new_sock, D11, A)
+    kernel.clear_log()
+    assert unexport(h, new_sock, D11, B).reply == p.UnexportReply(p.Status.ST_NA)
+    assert kernel.writes == []
+    assert used_ports(kernel) == [0]
+    assert record(kernel, 0) == "10.0.0.5 40000 1-1\n"
+    assert any("refused unexport of 1-1 from 10.0.0.6" in m for m in logs)
+
+
+def test_unexport_of_unknown_device(kernel: FakeKernel, vhci: VhciDriver, new_sock) -> None:
+    h = UsbipaHandler(vhci)
+    export(h, new_sock, D11, A)
+    kernel.clear_log()
+    assert unexport(h, new_sock, D21, A).reply == p.UnexportReply(p.Status.ST_NODEV)
+    assert kernel.writes == []
+    assert used_ports(kernel) == [0]
+
+
+def test_unexport_of_an_unrecorded_port_is_unknown(kernel: FakeKernel, vhci: VhciDriver,
+                                                   new_sock) -> None:
+    kernel.vhci_plug(0)  # attached by `usbip attach` of another tool run, no record
+    assert unexport(UsbipaHandler(vhci), new_sock).reply == p.UnexportReply(p.Status.ST_NODEV)
+    assert kernel.writes == []
+
+
+def test_unexport_detach_failure_is_an_error(kernel: FakeKernel, vhci: VhciDriver,
+                                             new_sock) -> None:
+    h = UsbipaHandler(vhci)
+    export(h, new_sock)
+    kernel.fail(DETACH, errno.EIO)
+    assert unexport(h, new_sock).reply == p.UnexportReply(p.Status.ST_ERROR)
+    assert used_ports(kernel) == [0]
+
+
+# -- requests that belong to usbipd -------------------------------------------------------
+
+@pytest.mark.parametrize("req,reply", [
+    (p.DevlistRequest(), p.DevlistReply((), p.Status.ST_NA)),
+    (p.ImportRequest("1-1"), p.ImportReply(p.Status.ST_NA)),
+])
+def test_usbipd_requests_are_refused_at_usbipa(kernel: FakeKernel, vhci: VhciDriver, new_sock,
+                                               logs: list[str], req: p.Request,
+                                               reply: p.Reply) -> None:
+    out = UsbipaHandler(vhci)(req, A, new_sock())
+    assert out.reply == reply
+    assert out.reply.pack() == reply.pack()[:8]  # status only, no body
+    assert kernel.writes == []
+    assert any("this is usbipa" in m for m in logs)
