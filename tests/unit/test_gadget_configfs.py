@@ -514,7 +514,7 @@ def test_a_config_with_no_function_is_refused_when_binding(k):
         apply_spec(replace(spec, udc="dummy_udc.0"), k)
 
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "gadgets"
+EXAMPLES = Path(__file__).resolve().parents[2] / "gadget" / "examples"
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.toml")))
