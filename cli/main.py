@@ -40,13 +40,14 @@ def _global(
 
 
 def _register() -> None:
-    from usbipx.cli import daemons, devices, exports, gadget, imports
+    from usbipx.cli import daemons, devices, exports, gadget, imports, supervisor
 
     devices.register(app)
     imports.register(app)
     exports.register(app)
     daemons.register(app)
     app.add_typer(gadget.app, name="gadget")
+    app.add_typer(supervisor.app, name="supervisor")
 
 
 _register()

@@ -181,6 +181,8 @@ class HostDriver:
         dev = self.read_device(busid)
         if dev.record.device_class == USB_CLASS_HUB:
             raise ValidationError(f"{busid} is a USB hub; hubs cannot be exported")
+        if "/vhci_hcd." in dev.record.path:
+            raise ValidationError(f"{busid} is imported through vhci_hcd; it cannot be exported")
         if dev.driver == STUB_DRIVER:
             raise DeviceBusy(f"{busid} is already bound to {STUB_DRIVER}")
         original = dev.driver
@@ -193,6 +195,9 @@ class HostDriver:
             s.write(f"{STUB_DIR}/match_busid", f"add {busid}")
             step = "bind to usbip-host"
             s.write(f"{STUB_DIR}/bind", busid)
+            if s.readlink_name(self._dev(busid, "driver")) != STUB_DRIVER:
+                # The write can succeed while usbip-host's probe declines.
+                raise DeviceBusy(f"usbip-host did not take {busid}")
         except UsbipError as exc:
             self._restore(busid, original)
             raise with_context(exc, f"bind {busid}: cannot {step}") from exc

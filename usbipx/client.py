@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from loguru import logger
 
 from usbipx.driver import DeviceDriver, ExportStatus, LocalDevice
-from usbipx.errors import DeviceBusy, ProtocolError, RemoteError, UsbipError
+from usbipx.errors import DeviceBusy, DeviceNotFound, ProtocolError, RemoteError, UsbipError
 from usbipx.net import DEFAULT_KEEPALIVE, USBIP_PORT, Keepalive, connect, request
 from usbipx.protocol import (
     DevlistReply,
@@ -25,8 +25,10 @@ from usbipx.protocol import (
     ExportRequest,
     ImportReply,
     ImportRequest,
+    Speed,
     Status,
     UnexportRequest,
+    UsbDevice,
     validate_busid,
 )
 from usbipx.stubmode.host import HostDriver
@@ -34,8 +36,9 @@ from usbipx.vhci import VhciDriver
 
 
 @contextlib.contextmanager
-def _connection(host: str, port: int, keepalive: Keepalive) -> Iterator[socket.socket]:
-    sock = connect(host, port, keepalive=keepalive)
+def _connection(host: str, port: int, keepalive: Keepalive,
+                timeout: float = 10.0) -> Iterator[socket.socket]:
+    sock = connect(host, port, timeout=timeout, keepalive=keepalive)
     try:
         yield sock
     finally:
@@ -113,7 +116,7 @@ def _local_export_record(driver: DeviceDriver, busid: str) -> LocalDevice:
 
 
 def export_device(host: str, busid: str, driver: DeviceDriver, port: int = USBIP_PORT,
-                  keepalive: Keepalive = DEFAULT_KEEPALIVE) -> Exported:
+                  keepalive: Keepalive = DEFAULT_KEEPALIVE, timeout: float = 10.0) -> Exported:
     """Export ``busid`` to the usbipa at ``host`` (OP_REQ_EXPORT) and hand it to the kernel.
 
     Stub mode binds the device to usbip-host first if needed; vUDC mode needs
@@ -128,8 +131,8 @@ def export_device(host: str, busid: str, driver: DeviceDriver, port: int = USBIP
         bound_here = True
     try:
         dev = _local_export_record(driver, busid)
-        with _connection(host, port, keepalive) as sock:
-            rep = request(sock, ExportRequest(dev.record))
+        with _connection(host, port, keepalive, timeout) as sock:
+            rep = request(sock, ExportRequest(dev.record), timeout)
             if rep.status != Status.ST_OK:
                 raise RemoteError(rep.status, f"export of {busid} to {host} refused")
             # usbipa has attached the device; from here the connection is URB
@@ -146,30 +149,40 @@ def export_device(host: str, busid: str, driver: DeviceDriver, port: int = USBIP
 
 
 def unexport_device(host: str, busid: str, driver: DeviceDriver, port: int = USBIP_PORT,
-                    force: bool = False, keepalive: Keepalive = DEFAULT_KEEPALIVE) -> None:
+                    force: bool = False, keepalive: Keepalive = DEFAULT_KEEPALIVE,
+                    timeout: float = 10.0, release: bool = True) -> None:
     """Withdraw ``busid`` from the usbipa at ``host`` (OP_REQ_UNEXPORT).
 
-    On success a stub device goes back to its original driver.  With
-    ``force`` the device is also withdrawn locally when the usbipa cannot be
-    reached or refuses (the app side then sees the connection drop).
+    With ``release`` (the default) a stub device then goes back to its
+    original driver.  With ``force`` the device is also withdrawn locally when
+    the usbipa cannot be reached or refuses (the app side then sees the
+    connection drop).  Without ``release`` the device may already be gone
+    (unplugged): usbipa is still told, so it frees its port at once.
     """
     validate_busid(busid)
     driver.check_loaded()
-    dev = driver.get(busid)
-    if dev.status is None:
+    try:
+        dev = driver.get(busid)
+        record, status = dev.record, dev.status
+    except DeviceNotFound:
+        if release:
+            raise
+        # usbipa finds the attachment by (peer, bus id); the rest is not used.
+        record, status = UsbDevice("", busid, 0, 0, Speed.UNKNOWN, 0, 0, 0), None
+    if release and status is None:
         raise UsbipError(f"{busid} is not exported: not bound to {driver.name}")
     try:
-        with _connection(host, port, keepalive) as sock:
-            rep = request(sock, UnexportRequest(dev.record))
+        with _connection(host, port, keepalive, timeout) as sock:
+            rep = request(sock, UnexportRequest(record), timeout)
         if rep.status != Status.ST_OK:
             raise RemoteError(rep.status, f"unexport of {busid} from {host} refused")
     except UsbipError:
         if not force:
             raise
         logger.warning("usbipa did not unexport {}; withdrawing it locally", busid)
-        if dev.status == ExportStatus.USED:
+        if status == ExportStatus.USED:
             with contextlib.suppress(UsbipError):
                 driver.shutdown(busid)
-    if isinstance(driver, HostDriver):
+    if release and isinstance(driver, HostDriver):
         driver.unbind(busid)
     logger.info("unexported {} from {}", busid, host)

@@ -312,7 +312,9 @@ def netns_down() -> None:
 
 
 def in_ns(ns: str | None, argv: list[str]) -> list[str]:
-    return argv if ns is None else ["ip", "netns", "exec", ns, *argv]
+    """``argv`` in network namespace ``ns``.  nsenter switches only the network
+    namespace; ``ip netns exec`` would also remount /sys and hide configfs."""
+    return argv if ns is None else ["nsenter", f"--net=/run/netns/{ns}", *argv]
 
 
 # -- junk PDUs ------------------------------------------------------------

@@ -1,0 +1,265 @@
+"""The supervisor's configuration file (TOML), validated completely before use.
+
+::
+
+    [server]                       # the usbipa to export to
+    host = "127.0.0.1"
+    port = 3240
+    keepalive = "5,3,3,15000"      # optional, as --keepalive
+
+    [[export]]                     # stub mode: a real device by bus id ...
+    busid = "1-1"
+
+    [[export]]                     # ... or every device matching ids, as it is plugged in
+    vendor = 0x0403
+    product = 0x6001               # optional
+
+    [[export]]                     # vUDC mode: provision this gadget on a free usbip-vudc.N
+    gadget = "gadgets/disk.toml"   # relative to this file
+    udc = "usbip-vudc.0"           # optional; default: a free one
+
+    [supervisor]                   # all optional
+    control_socket = "/run/usbipx/supervisor.sock"
+    state_dir = "/run/usbipx/supervisor"
+    backoff_initial = 0.5          # seconds before the first retry after a drop
+    backoff_max = 2.0              # cap of the exponential backoff (jitter +-20 %)
+    connect_timeout = 2.0          # TCP connect to usbipa
+    poll_interval = 0.5            # how often a worker looks at its export
+    restart_limit = 5              # crashed workers restarted at most this often ...
+    restart_window = 60.0          # ... within this many seconds, then paused for it
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from usbipx.errors import ConfigError, UsbipError
+from usbipx.gadget.spec import GadgetSpec, load_spec
+from usbipx.net import DEFAULT_KEEPALIVE, USBIP_PORT, Keepalive
+from usbipx.protocol import is_vudc_busid, validate_busid
+
+ExportKind = Literal["busid", "match", "gadget"]
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """The usbipa every export goes to."""
+
+    host: str
+    port: int = USBIP_PORT
+    keepalive: Keepalive = DEFAULT_KEEPALIVE
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """One ``[[export]]`` entry."""
+
+    kind: ExportKind
+    busid: str | None = None
+    vendor: int | None = None
+    product: int | None = None
+    gadget: GadgetSpec | None = None
+    gadget_path: str | None = None
+    udc: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Stable identity of the entry, used to diff configurations on reload."""
+        if self.kind == "busid":
+            return f"busid:{self.busid}"
+        if self.kind == "match":
+            product = "*" if self.product is None else f"{self.product:04x}"
+            return f"match:{self.vendor:04x}:{product}"
+        assert self.gadget is not None
+        return f"gadget:{self.gadget.name}"
+
+    def matches(self, vendor: int, product: int) -> bool:
+        """For ``match`` entries: whether a device with these ids is one of ours."""
+        return (self.kind == "match" and vendor == self.vendor
+                and (self.product is None or product == self.product))
+
+
+@dataclass(frozen=True)
+class Options:
+    """``[supervisor]`` tuning, with defaults fit for recovering in seconds."""
+
+    control_socket: str = "/run/usbipx/supervisor.sock"
+    state_dir: str = "/run/usbipx/supervisor"
+    backoff_initial: float = 0.5
+    backoff_max: float = 2.0
+    connect_timeout: float = 2.0
+    poll_interval: float = 0.5
+    restart_limit: int = 5
+    restart_window: float = 60.0
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    """A validated supervisor configuration."""
+
+    server: ServerSpec
+    exports: tuple[ExportSpec, ...]
+    options: Options = field(default_factory=Options)
+    source: str = "<config>"
+
+
+def _int(v: Any, where: str, bits: int) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < (1 << bits):
+        raise ConfigError(f"{where} must be an integer 0..{(1 << bits) - 1}, got {v!r}")
+    return v
+
+
+def _num(v: Any, where: str, low: float) -> float:
+    # TOML has nan and inf: neither is a usable delay or timeout.
+    if (not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v)
+            or v < low):
+        raise ConfigError(f"{where} must be a number >= {low}, got {v!r}")
+    return float(v)
+
+
+def _unknown(table: dict[str, Any], allowed: set[str], where: str) -> None:
+    extra = set(table) - allowed
+    if extra:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(extra))}")
+
+
+def _server(data: Any, src: str) -> ServerSpec:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{src}: [server] with a host is required")
+    _unknown(data, {"host", "port", "keepalive"}, f"{src}: [server]")
+    host = data.get("host")
+    if not isinstance(host, str) or not host or any(c.isspace() for c in host):
+        raise ConfigError(f"{src}: server.host must be a host name or address")
+    port = data.get("port", USBIP_PORT)
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ConfigError(f"{src}: server.port must be 1..65535, got {port!r}")
+    ka = DEFAULT_KEEPALIVE
+    if "keepalive" in data:
+        if not isinstance(data["keepalive"], str):
+            raise ConfigError(f"{src}: server.keepalive must be a string like \"5,3,3,15000\"")
+        try:
+            ka = Keepalive.parse(data["keepalive"])
+        except (UsbipError, ValueError) as exc:
+            raise ConfigError(f"{src}: server.keepalive: {exc}") from None
+    return ServerSpec(host, port, ka)
+
+
+def _export(data: Any, n: int, base: Path, src: str) -> ExportSpec:
+    where = f"{src}: export {n}"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a table ([[export]])")
+    _unknown(data, {"busid", "vendor", "product", "gadget", "udc"}, where)
+    if "product" in data and "vendor" not in data:
+        raise ConfigError(f"{where}: product needs vendor")
+    kinds = [k for k in ("busid", "vendor", "gadget") if k in data]
+    if len(kinds) != 1:
+        raise ConfigError(f"{where}: give exactly one of busid, vendor (+product) or gadget")
+    if "udc" in data and "gadget" not in data:
+        raise ConfigError(f"{where}: udc applies to gadget exports only")
+    if "busid" in data:
+        busid = data["busid"]
+        if not isinstance(busid, str):
+            raise ConfigError(f"{where}: busid must be a string")
+        try:
+            validate_busid(busid)
+        except UsbipError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if is_vudc_busid(busid):
+            raise ConfigError(f"{where}: {busid} is a vUDC; export a gadget spec instead")
+        return ExportSpec("busid", busid=busid)
+    if "vendor" in data:
+        vendor = _int(data["vendor"], f"{where}: vendor", 16)
+        product = _int(data["product"], f"{where}: product", 16) if "product" in data else None
+        return ExportSpec("match", vendor=vendor, product=product)
+    raw = data["gadget"]
+    if not isinstance(raw, str) or not raw:
+        raise ConfigError(f"{where}: gadget must be the path of a gadget spec")
+    path = (base / raw) if not Path(raw).is_absolute() else Path(raw)
+    try:
+        spec = load_spec(path)
+    except UsbipError as exc:
+        raise ConfigError(f"{where}: gadget {raw}: {exc}") from None
+    udc = data.get("udc")
+    if udc is not None:
+        if not isinstance(udc, str):
+            raise ConfigError(f"{where}: udc must be a string")
+        if udc != "auto":
+            try:
+                validate_busid(udc)
+            except UsbipError:
+                raise ConfigError(f"{where}: udc must be usbip-vudc.N or auto, got {udc!r}") \
+                    from None
+            if not is_vudc_busid(udc):
+                raise ConfigError(f"{where}: udc must be usbip-vudc.N or auto, got {udc!r}")
+    return ExportSpec("gadget", gadget=spec, gadget_path=str(path),
+                      udc=None if udc in (None, "auto") else udc)
+
+
+def _options(data: Any, src: str) -> Options:
+    if data is None:
+        return Options()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{src}: [supervisor] must be a table")
+    d = Options()
+    _unknown(data, set(d.__dataclass_fields__), f"{src}: [supervisor]")
+    vals: dict[str, Any] = {}
+    for key in ("control_socket", "state_dir"):
+        if key in data:
+            v = data[key]
+            if not isinstance(v, str) or not v.startswith("/"):
+                raise ConfigError(f"{src}: supervisor.{key} must be an absolute path")
+            if key == "control_socket" and len(v.encode()) > 107:  # sun_path: 108 with NUL
+                raise ConfigError(f"{src}: supervisor.control_socket is longer than the "
+                                  "107 bytes a unix socket path may have")
+            vals[key] = v
+    for key, low in (("backoff_initial", 0.01), ("backoff_max", 0.01), ("connect_timeout", 0.1),
+                     ("poll_interval", 0.05), ("restart_window", 1.0)):
+        if key in data:
+            vals[key] = _num(data[key], f"{src}: supervisor.{key}", low)
+    if "restart_limit" in data:
+        v = data["restart_limit"]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{src}: supervisor.restart_limit must be a positive integer")
+        vals["restart_limit"] = v
+    opts = Options(**{**d.__dict__, **vals})
+    if opts.backoff_max < opts.backoff_initial:
+        raise ConfigError(f"{src}: supervisor.backoff_max is below backoff_initial")
+    return opts
+
+
+def parse_config(data: dict[str, Any], base: Path, src: str = "<config>") -> SupervisorConfig:
+    """Validate a parsed document; gadget specs are loaded relative to ``base``."""
+    _unknown(data, {"server", "export", "supervisor"}, src)
+    server = _server(data.get("server"), src)
+    raw = data.get("export", [])
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{src}: at least one [[export]] is required")
+    exports = tuple(_export(e, n + 1, base, src) for n, e in enumerate(raw))
+    seen: dict[str, int] = {}
+    for n, e in enumerate(exports):
+        if e.key in seen:
+            raise ConfigError(f"{src}: export {n + 1} repeats export {seen[e.key] + 1} "
+                              f"({e.key})")
+        seen[e.key] = n
+    udcs = [e.udc for e in exports if e.udc]
+    if len(udcs) != len(set(udcs)):
+        raise ConfigError(f"{src}: two gadget exports name the same udc")
+    return SupervisorConfig(server, exports, _options(data.get("supervisor"), src), src)
+
+
+def load_config(path: str | Path) -> SupervisorConfig:
+    """Read and validate a supervisor configuration file."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return parse_config(data, p.resolve().parent, str(path))

@@ -1,0 +1,395 @@
+"""The supervisor's core: one worker per exported device, as an explicit state machine.
+
+States of an export (what ``supervisor status`` shows)::
+
+    starting -> exporting -> exported -> backoff -> exporting -> ...
+                    |            |          \\-> waiting (device absent)
+                    +------------+--> stopping -> stopped
+    crashed too often -> failed (restarts paused for restart_window)
+
+``starting`` and ``stopping``/``stopped``/``failed`` are the parent's own;
+the others are reported by the worker.  Everything that touches the OS --
+forking, signalling, the clock -- is behind :class:`Spawner` and ``clock``,
+so the logic here is tested without processes.  The asyncio shell in
+:mod:`usbipx.daemon.runner` feeds events in: :meth:`Supervisor.on_report`,
+:meth:`on_exit`, :meth:`on_device`, :meth:`reload`, :meth:`shutdown`,
+:meth:`tick`.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from loguru import logger
+
+from usbipx.daemon.config import ExportSpec, Options, ServerSpec, SupervisorConfig
+
+
+class State(StrEnum):
+    """Where an export stands."""
+
+    STARTING = "starting"
+    EXPORTING = "exporting"
+    EXPORTED = "exported"
+    BACKOFF = "backoff"
+    WAITING = "waiting"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+REPORTABLE = {State.EXPORTING, State.EXPORTED, State.BACKOFF, State.WAITING, State.STOPPING}
+"""States a worker may report about itself."""
+
+STOP_GRACE = 20.0
+"""Seconds a worker gets to unexport and clean up before SIGKILL."""
+
+STEADY = {State.EXPORTED, State.WAITING}
+"""A worker that reached one of these came up properly; if it dies later it
+was killed or hit something rare, and is restarted at once however often
+that happens.  Only workers that die before getting there count as flapping."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one worker does: export one device (immutable, sent to the worker)."""
+
+    key: str
+    spec: ExportSpec
+    busid: str | None
+    server: ServerSpec
+    options: Options
+
+
+@dataclass(frozen=True)
+class Device:
+    """A USB device present on this host (for ``vendor``/``product`` exports)."""
+
+    busid: str
+    vendor: int
+    product: int
+
+
+class Spawner(Protocol):
+    """Starts and signals worker processes; the runner reports their messages and exits."""
+
+    def spawn(self, job: Job) -> int:
+        """Start a worker for ``job``; return its pid."""
+
+    def signal(self, pid: int, sig: int) -> None:
+        """Send ``sig`` to a worker (no error if it is already gone)."""
+
+
+@dataclass
+class Slot:
+    """The parent's record of one export and its current worker."""
+
+    job: Job
+    state: State = State.STARTING
+    pid: int | None = None
+    since: float = 0.0
+    started: float | None = None
+    restarts: int = 0
+    crashes: list[float] = field(default_factory=list)
+    remote: str | None = None
+    last_error: str | None = None
+    restart_at: float | None = None
+    kill_at: float | None = None
+    busid: str | None = None
+    steady: bool = False
+    removing: bool = False
+    replacement: Job | None = None
+
+
+def jobs_for(config: SupervisorConfig, devices: Iterable[Device]) -> dict[str, Job]:
+    """The jobs a configuration asks for, given the devices present now."""
+    jobs: dict[str, Job] = {}
+    devices = list(devices)
+    claimed: set[str] = set()  # a device matched by two entries goes to the first
+    for spec in config.exports:
+        if spec.kind == "match":
+            for d in devices:
+                if spec.matches(d.vendor, d.product) and d.busid not in claimed:
+                    claimed.add(d.busid)
+                    key = f"{spec.key}@{d.busid}"
+                    jobs[key] = Job(key, spec, d.busid, config.server, config.options)
+        else:
+            jobs[spec.key] = Job(spec.key, spec, spec.busid, config.server, config.options)
+    # A device named by bus id is not also taken by a match entry.
+    named = {j.busid for j in jobs.values() if j.spec.kind == "busid"}
+    return {k: j for k, j in jobs.items() if j.spec.kind != "match" or j.busid not in named}
+
+
+class Supervisor:
+    """Decides which workers run, restarts crashed ones, and tracks their state."""
+
+    def __init__(self, config: SupervisorConfig, spawner: Spawner,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.spawner = spawner
+        self.clock = clock
+        self.slots: dict[str, Slot] = {}
+        self.devices: dict[str, Device] = {}
+        self.shutting_down = False
+
+    # -- lifecycle --------------------------------------------------------
+
+    def start(self, devices: Iterable[Device] = ()) -> None:
+        """Spawn a worker for every export the configuration asks for."""
+        self.devices = {d.busid: d for d in devices}
+        for job in jobs_for(self.config, self.devices.values()).values():
+            self._add(job)
+
+    def _add(self, job: Job) -> None:
+        slot = Slot(job, since=self.clock())
+        self.slots[job.key] = slot
+        self._spawn(slot)
+
+    def _set(self, slot: Slot, state: State, error: str | None = None) -> None:
+        if state != slot.state:
+            logger.info("{}: {} -> {}{}", slot.job.key, slot.state, state,
+                        f" ({error})" if error else "")
+            slot.state = state
+            slot.since = self.clock()
+        if error:
+            slot.last_error = error
+
+    def _spawn(self, slot: Slot) -> None:
+        slot.restart_at = None
+        slot.kill_at = None
+        slot.steady = False
+        try:
+            slot.pid = self.spawner.spawn(slot.job)
+        except OSError as exc:  # fork failed (EAGAIN, ENOMEM...): a crash, not our end
+            slot.pid = None
+            self._crashed(slot, f"cannot start a worker: {exc}")
+            return
+        slot.started = self.clock()
+        self._set(slot, State.STARTING)
+
+    def _stop(self, slot: Slot, remove: bool) -> None:
+        slot.removing = slot.removing or remove
+        slot.restart_at = None
+        if slot.pid is None:
+            self._stopped(slot)
+            return
+        if slot.state != State.STOPPING:
+            self.spawner.signal(slot.pid, signal.SIGTERM)
+            slot.kill_at = self.clock() + STOP_GRACE
+            self._set(slot, State.STOPPING)
+
+    def _stopped(self, slot: Slot) -> None:
+        slot.pid = None
+        slot.kill_at = None
+        self._set(slot, State.STOPPED)
+        if slot.replacement is not None:
+            job, slot.replacement = slot.replacement, None
+            del self.slots[slot.job.key]
+            self._add(job)
+        elif slot.removing:
+            del self.slots[slot.job.key]
+            self._start_deferred(slot.job.busid)
+
+    def _holds(self, busid: str | None) -> bool:
+        """Whether a live worker has the device ``busid`` (stopping ones included)."""
+        return busid is not None and any(s.pid is not None and s.job.busid == busid
+                                         for s in self.slots.values())
+
+    def _start_deferred(self, busid: str | None) -> None:
+        """A device's old worker is gone: start the job that now wants it, if any."""
+        if self.shutting_down or busid is None:
+            return
+        for job in jobs_for(self.config, self.devices.values()).values():
+            if job.busid == busid and job.key not in self.slots:
+                self._add(job)
+
+    def shutdown(self) -> None:
+        """Stop every worker (each unexports and cleans up)."""
+        self.shutting_down = True
+        for slot in list(self.slots.values()):
+            slot.replacement = None
+            self._stop(slot, remove=False)
+
+    @property
+    def done(self) -> bool:
+        """Shutting down and every worker has exited."""
+        return self.shutting_down and all(s.pid is None for s in self.slots.values())
+
+    def reload(self, config: SupervisorConfig) -> None:
+        """Apply a new configuration: start new exports, stop removed ones,
+        restart changed ones, leave unchanged ones untouched."""
+        self.config = config
+        if self.shutting_down:
+            return  # nothing new starts now; every worker is on its way out
+        self._converge("removed from the configuration", "changed in the configuration")
+
+    def _converge(self, gone: str, changed: str) -> None:
+        """Make the workers match the configuration and the devices present."""
+        wanted = jobs_for(self.config, self.devices.values())
+        for key, slot in list(self.slots.items()):
+            if key not in wanted:
+                logger.info("{}: {}", key, gone)
+                slot.replacement = None
+                self._stop(slot, remove=True)
+        for key, job in wanted.items():
+            current = self.slots.get(key)
+            if current is None:
+                if not self._holds(job.busid):
+                    self._add(job)
+                # else the device changes hands (e.g. a match job's device is now
+                # named by busid): _start_deferred() starts this job once the old
+                # worker has unexported and let go of it.
+            elif current.removing:
+                # Already on its way out (removed, changed, unplugged): the job
+                # wanted now is started by _stopped() once the old worker is gone.
+                current.replacement = job
+            elif current.job != job:
+                logger.info("{}: {}; restarting", key, changed)
+                current.replacement = job
+                self._stop(current, remove=True)
+
+    # -- events from workers and the kernel --------------------------------
+
+    def on_report(self, key: str, pid: int, state: str, remote: str | None = None,
+                  error: str | None = None, busid: str | None = None) -> None:
+        """A worker says where its export stands (and, for a gadget, which vUDC it got)."""
+        slot = self.slots.get(key)
+        if slot is None or slot.pid != pid:
+            return  # a late message from a worker we have already replaced
+        try:
+            st = State(state)
+        except ValueError:
+            logger.warning("{}: worker {} reported unknown state {!r}", key, pid, state)
+            return
+        if st not in REPORTABLE:
+            return
+        if busid:
+            slot.busid = busid
+        if slot.state == State.STOPPING and st != State.STOPPING:
+            return  # we asked it to stop; it is on its way
+        if st == State.STOPPING:
+            # Not asked by us (SIGTERM from elsewhere): when it exits it is
+            # restarted like any worker that died, so keep the state we know.
+            return
+        if st in STEADY:
+            slot.steady = True
+            slot.crashes.clear()
+        if st == State.EXPORTED:
+            slot.remote = remote
+        elif st in (State.BACKOFF, State.WAITING):
+            slot.remote = None
+        self._set(slot, st, error)
+
+    def on_exit(self, key: str, pid: int, code: int) -> None:
+        """A worker process ended with ``code`` (negative: killed by that signal)."""
+        slot = self.slots.get(key)
+        if slot is None or slot.pid != pid:
+            return
+        now = self.clock()
+        if slot.state == State.STOPPING or self.shutting_down or slot.removing:
+            if code != 0:
+                slot.last_error = f"worker exited with {_describe_exit(code)} while stopping"
+            self._stopped(slot)
+            return
+        slot.pid = None
+        slot.remote = None
+        if code == 0 and slot.job.spec.kind == "match" and slot.job.busid not in self.devices:
+            # The device went away and its worker finished cleanly.
+            self._stopped(slot)
+            del self.slots[key]
+            return
+        slot.last_error = f"worker exited with {_describe_exit(code)}"
+        if slot.steady:
+            # Killed after coming up: the kernel keeps the export, and a new
+            # worker adopts it; restart at once.
+            self._set(slot, State.BACKOFF)
+            slot.restart_at = now
+            return
+        self._crashed(slot, None)
+
+    def _crashed(self, slot: Slot, error: str | None) -> None:
+        """A worker failed before coming up: restart it, with backoff, or pause if flapping."""
+        now = self.clock()
+        window = self.config.options.restart_window
+        slot.crashes = [t for t in slot.crashes if now - t < window] + [now]
+        if len(slot.crashes) > self.config.options.restart_limit:
+            logger.error("{}: worker crashed {} times in {:.0f} s; pausing restarts",
+                         slot.job.key, len(slot.crashes), window)
+            self._set(slot, State.FAILED, error)
+            slot.restart_at = now + window
+            slot.crashes.clear()
+            return
+        # A worker that fails to come up is retried at once, then with backoff.
+        opts = self.config.options
+        delay = 0.0 if len(slot.crashes) == 1 else min(
+            opts.backoff_initial * 2 ** (len(slot.crashes) - 2), opts.backoff_max)
+        self._set(slot, State.BACKOFF, error)
+        slot.restart_at = now + delay
+
+    def on_device(self, action: str, device: Device) -> None:
+        """A USB device was plugged in (``add``) or removed (``remove``)."""
+        if action == "add":
+            self.devices[device.busid] = device
+        elif action == "remove":
+            self.devices.pop(device.busid, None)
+        else:
+            return
+        if self.shutting_down:
+            return
+        self._converge(f"device {device.busid} removed", "changed")
+
+    def tick(self) -> None:
+        """Do what is due: scheduled restarts, SIGKILL of workers that ignore SIGTERM."""
+        now = self.clock()
+        for slot in list(self.slots.values()):
+            if slot.restart_at is not None and now >= slot.restart_at and not self.shutting_down:
+                slot.restarts += 1
+                self._spawn(slot)
+            if slot.kill_at is not None and now >= slot.kill_at and slot.pid is not None:
+                logger.warning("{}: worker {} did not stop in {:.0f} s; killing it",
+                               slot.job.key, slot.pid, STOP_GRACE)
+                self.spawner.signal(slot.pid, signal.SIGKILL)
+                slot.kill_at = None
+
+    # -- reporting ----------------------------------------------------------
+
+    def status(self) -> list[dict[str, Any]]:
+        """One entry per export, for ``supervisor status``."""
+        now = self.clock()
+        out = []
+        for key, s in sorted(self.slots.items()):
+            out.append({
+                "export": key,
+                "busid": s.busid or s.job.busid or s.job.spec.udc,
+                "gadget": s.job.spec.gadget.name if s.job.spec.gadget else None,
+                "pid": s.pid,
+                "state": str(s.state),
+                "state_for": round(now - s.since, 1),
+                "uptime": (round(now - s.started, 1)
+                           if s.started is not None and s.pid is not None else None),
+                "remote": s.remote,
+                "restarts": s.restarts,
+                "last_error": s.last_error,
+            })
+        return out
+
+    def summary(self) -> str:
+        """``3 exported, 1 backoff`` for systemd's STATUS=."""
+        counts: dict[str, int] = {}
+        for s in self.slots.values():
+            counts[str(s.state)] = counts.get(str(s.state), 0) + 1
+        return ", ".join(f"{n} {st}" for st, n in sorted(counts.items())) or "no exports"
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"status {code}"
