@@ -31,7 +31,7 @@ def run_cmd(
 
     st = state(ctx)
     load_config(config)  # a bad file is an error here, before anything starts
-    log.configure(st.debug, level="INFO", fmt=LOG_FORMAT)
+    log.configure_supervisor(st.debug, LOG_FORMAT)
     logger.configure(extra={"export": "supervisor", "worker": ""})
     logger.configure(patcher=lambda r: r["extra"].update(
         worker=f" {r['extra']['worker']}" if r["extra"].get("worker") else "",

@@ -28,6 +28,7 @@ from typing import Any
 
 from loguru import logger
 
+from usbipx import log
 from usbipx.daemon import sdnotify
 from usbipx.daemon.config import SupervisorConfig, load_config
 from usbipx.daemon.supervisor import Device, Job, Supervisor
@@ -40,9 +41,14 @@ PR_SET_PDEATHSIG = 1
 TICK = 0.25
 
 
+# Resolved once in the parent: creating it in each worker would cost every
+# worker a megabyte of private memory.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+_prctl(3, 0, 0, 0, 0)  # PR_GET_DUMPABLE: a harmless first call sets up ctypes' call path
+
+
 def _set_pdeathsig(sig: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+    if _prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
@@ -57,14 +63,11 @@ def worker_main(job: Job, conn: Any, parent: int) -> None:
 
     def send(msg: Any) -> None:
         try:
-            conn.send(msg)
+            conn.send_bytes(json.dumps(msg).encode())
         except OSError:
             os._exit(0)  # the parent is gone
 
-    logger.remove()
-    logger.configure(extra={"export": job.key})
-    logger.add(lambda m: send(("log", m.record["level"].name, m.record["message"])),
-               level="DEBUG", format="{message}")
+    log.worker_pipe = conn  # see usbipx.log.configure_supervisor
     worker = Worker(job, lambda state: send(("state", state)))
     worker.install_signals()
     worker.run()
@@ -102,6 +105,8 @@ class ProcessSpawner:
         r, w = self.ctx.Pipe(duplex=False)
         # Objects alive now are shared with the child copy-on-write; frozen,
         # the garbage collector does not touch (and so copy) their pages.
+        if not self.procs and not gc.get_freeze_count():
+            gc.collect()  # once: fewer half-empty pages to be copied
         gc.freeze()
         proc = self.ctx.Process(target=worker_main, args=(job, w, os.getpid()),
                                 name=f"usbipx worker {job.key}")
@@ -122,7 +127,7 @@ class ProcessSpawner:
             try:
                 if not conn.poll():
                     return
-                msg = conn.recv()
+                msg = json.loads(conn.recv_bytes())
             except (EOFError, OSError):
                 self.loop.remove_reader(conn.fileno())
                 return
@@ -137,11 +142,11 @@ class ProcessSpawner:
 
     def _message(self, key: str, pid: int, msg: Any) -> None:
         assert self.sup is not None
-        if not isinstance(msg, tuple) or not msg:
+        if not isinstance(msg, list) or not msg:
             return
         if msg[0] == "log" and len(msg) == 3:
             logger.bind(export=key, worker=pid).log(msg[1], msg[2])
-        elif msg[0] == "state" and isinstance(msg[1], dict):
+        elif msg[0] == "state" and len(msg) == 2 and isinstance(msg[1], dict):
             st = msg[1]
             self.sup.on_report(key, pid, str(st.get("state")), st.get("remote"), st.get("error"),
                                st.get("busid"))

@@ -7,7 +7,11 @@ sinks.  Entry points (the CLI, daemons, the supervisor) call
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import sys
+from typing import Any
 
 from loguru import logger
 
@@ -32,3 +36,33 @@ def configure(debug: bool = False, fmt: str | None = None, level: str = "WARNING
         backtrace=False,
         diagnose=False,
     )
+
+
+worker_pipe: Any = None
+"""In a supervisor worker: the connection its log records travel to the parent on
+(JSON over ``send_bytes``; pickling would pull dill's machinery into every worker)."""
+
+
+def _forward(message: Any) -> None:
+    r = message.record
+    # A gone parent is no error here: the worker follows it (PR_SET_PDEATHSIG).
+    with contextlib.suppress(OSError, AttributeError):
+        worker_pipe.send_bytes(json.dumps(["log", r["level"].name, r["message"]]).encode())
+
+
+def configure_supervisor(debug: bool, fmt: str) -> None:
+    """Logging for a supervisor and its forked workers, set up once in the parent.
+
+    The one real sink (stderr) writes only in the parent.  In a worker the
+    same logger forwards each record over the worker's own pipe
+    (:data:`worker_pipe`), and the parent logs it with the export and pid
+    bound.  Workers never add or remove sinks: reconfiguring loguru after the
+    fork would copy a megabyte of the parent's memory into every worker.
+    """
+    parent = os.getpid()
+    logger.remove()
+    level = "DEBUG" if debug else "INFO"
+    logger.add(sys.stderr, level=level, format=fmt, colorize=False, backtrace=False,
+               diagnose=False, filter=lambda r: r["process"].id == parent)
+    logger.add(_forward, level=level, format="{message}",
+               filter=lambda r: r["process"].id != parent and worker_pipe is not None)

@@ -242,11 +242,83 @@ def bench_concurrent(rounds: int) -> None:
         lab.reset_usbip()
 
 
+def _smaps(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        k, v = line.split(":", 1)
+        out[k] = int(v.split()[0])
+    return out
+
+
+def bench_supervisor(rounds: int) -> None:
+    section("supervisor: memory of 16 workers, and recovery times")
+    import tempfile
+
+    from test_supervisor import VUDC_SPEC, Supervisor
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-sup-"))
+    exports = []
+    for k in range(lab.NUM_UDC):
+        disk = tmp / f"s{k}.img"
+        lab.make_disk(disk, 1)
+        lab.mass_storage_gadget(f"s{k}", disk, f"dummy_udc.{k}", product=0x0500 + k)
+        busid = lab.usb_busid_on_udc(f"dummy_udc.{k}")
+        lab.wait_for(lambda busid=busid: lab.driver_of(busid) == "usb", 60, what=busid)
+        exports.append(f'[[export]]\nbusid = "{busid}"\n')
+        vdisk = tmp / f"v{k}.img"
+        lab.make_disk(vdisk, 1)
+        spec = tmp / f"v{k}.toml"
+        spec.write_text(VUDC_SPEC.format(name=f"v{k}", product=0x0600 + k, backing=vdisk))
+        exports.append(f'[[export]]\ngadget = "{spec}"\n')
+    usbipa = lab.Daemon([lab.USBIPX, "usbipa", "-t", "3308"], 3308)
+    sup = Supervisor(tmp, "127.0.0.1", 3308, exports)
+    try:
+        t0 = time.monotonic()
+        lab.wait_for(lambda: len(sup.status()) == 16 and all(
+            e["state"] == "exported" for e in sup.status().values()), 300, 0.2, "16 exports")
+        print(f"  16 exports up {time.monotonic() - t0:.1f} s after READY=1")
+        time.sleep(3)
+        rows = [_smaps(e["pid"]) for e in sup.status().values()]
+        uss = sorted((r["Private_Clean"] + r["Private_Dirty"]) / 1024 for r in rows)
+        pss = sorted(r["Pss"] / 1024 for r in rows)
+        parent = _smaps(sup.proc.pid)
+        print(f"  per worker: USS median {statistics.median(uss):.2f} MB (max {uss[-1]:.2f}), "
+              f"PSS median {statistics.median(pss):.2f} MB (max {pss[-1]:.2f}); "
+              f"parent RSS {parent['Rss'] / 1024:.1f} MB")
+        result("worker USS (16 workers)", f"{statistics.median(uss):.2f} MB", "<= 3 MB")
+        result("worker PSS (16 workers)", f"{statistics.median(pss):.2f} MB", "<= 6 MB")
+        # kill -9 -> a new worker adopts the export
+        took = []
+        keys = sorted(sup.status())
+        for i in range(rounds * 4):
+            key = keys[i % len(keys)]
+            old = sup.status()[key]["pid"]
+            os.kill(old, 9)
+            t0 = time.monotonic()
+            lab.wait_for(lambda key=key, old=old: (e := sup.status()[key])["pid"] not in
+                         (None, old) and e["state"] == "exported", 20, 0.05, "adoption")
+            took.append(time.monotonic() - t0)
+        result("kill -9 -> export adopted", f"{statistics.median(took):.2f} s "
+               f"(max {max(took):.2f})", "<= 2 s")
+        # usbipa restart with its ports detached -> every device exported again
+        usbipa.stop()
+        lab.reset_usbip_ports_only()
+        usbipa = lab.Daemon([lab.USBIPX, "usbipa", "-t", "3308"], 3308)
+        t0 = time.monotonic()
+        lab.wait_for(lambda: len(lab.vhci_used_ports()) == 16, 120, 0.1, "16 re-exported")
+        result("usbipa restart -> 16 re-exported", f"{time.monotonic() - t0:.2f} s", "<= 5 s")
+    finally:
+        sup.stop()
+        usbipa.stop()
+        lab.reset_usbip()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--load", required=True, help="the compiled DEVLIST load generator")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--only", nargs="*", default=["devlist", "connect", "concurrent"])
+    ap.add_argument("--only", nargs="*",
+                    default=["devlist", "connect", "concurrent", "supervisor"])
     a = ap.parse_args()
     log.configure(level="WARNING")
     lab.load_drivers()
@@ -257,6 +329,8 @@ def main() -> int:
         bench_connect(a.rounds)
     if "concurrent" in a.only:
         bench_concurrent(a.rounds)
+    if "supervisor" in a.only:
+        bench_supervisor(a.rounds)
     section("summary (inside the VM)")
     for name, value, goal in RESULTS:
         print(f"  {name:<36} {value:>10}   goal {goal}")
