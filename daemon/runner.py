@@ -287,13 +287,18 @@ async def run(config_path: str, sysfs: Sysfs | None = None) -> None:
     logger.info("supervisor {} running {} export(s)", os.getpid(), len(sup.slots))
     watchdog = sdnotify.watchdog_interval()
     last_dog = 0.0
+    shown = ""
     try:
         while not sup.done:
             await asyncio.sleep(TICK)
             sup.tick()
+            if sup.summary() != shown:  # systemctl status shows it
+                shown = sup.summary()
+                sdnotify.notify(f"STATUS={shown}")
             now = loop.time()
             if watchdog and now - last_dog >= watchdog:
-                sdnotify.notify(f"WATCHDOG=1\nSTATUS={sup.summary()}")
+                # Pinged from the event loop: a wedged loop stops the pings.
+                sdnotify.notify("WATCHDOG=1")
                 last_dog = now
     finally:
         control.close()

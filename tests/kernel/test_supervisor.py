@@ -67,7 +67,7 @@ class Supervisor:
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(self.notify_path)
         self.log = tmp / f"{name}.log"
-        env = dict(os.environ, NOTIFY_SOCKET=self.notify_path)
+        env = dict(os.environ, NOTIFY_SOCKET=self.notify_path, WATCHDOG_USEC="2000000")
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(in_ns(ns, [USBIPX, "supervisor", "run", "-c",
                                                     str(self.config)]),
@@ -180,6 +180,13 @@ def test_exports_both_and_sigterm_cleans_up(setup) -> None:
     assert oct(os.stat(sup.sock).st_mode & 0o777) == "0o600"
     sup.wait_state(STUB, "exported")
     sup.wait_state(VUDC, "exported")
+    # systemd's notify protocol: watchdog pings and a status line.
+    seen: list[str] = []
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not (
+            "WATCHDOG=1" in seen and "STATUS=2 exported" in seen):
+        seen += sup.notify.recv(4096).decode().splitlines()
+    assert "WATCHDOG=1" in seen and "STATUS=2 exported" in seen, seen
     vhci_disks_match([setup.stub_data, setup.vudc_data])
     st = sup.status()
     assert st[STUB]["remote"] == f"127.0.0.1:{setup.usbipa.port}" and st[STUB]["pid"]
