@@ -75,7 +75,7 @@ def emit_json(data: Any) -> None:
 
 KEEPALIVE_HELP = (
     "Dead-peer detection before the kernel gets the socket: "
-    "IDLE,INTERVAL,COUNT[,USER_TIMEOUT_MS] (default 5,3,3,15000: under 20 s)."
+    "IDLE,INTERVAL,COUNT[,USER_TIMEOUT_MS] (default 4,3,3,12000: under 20 s)."
 )
 
 

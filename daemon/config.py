@@ -5,7 +5,7 @@
     [server]                       # the usbipa to export to
     host = "127.0.0.1"
     port = 3240
-    keepalive = "5,3,3,15000"      # optional, as --keepalive
+    keepalive = "4,3,3,12000"      # optional, as --keepalive
 
     [[export]]                     # stub mode: a real device by bus id ...
     busid = "1-1"
@@ -32,7 +32,6 @@
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +40,7 @@ from usbipx.errors import ConfigError, UsbipError
 from usbipx.gadget.spec import GadgetSpec, load_spec
 from usbipx.net import DEFAULT_KEEPALIVE, USBIP_PORT, Keepalive
 from usbipx.protocol import is_vudc_busid, validate_busid
+from usbipx.tomlfile import read_toml
 
 ExportKind = Literal["busid", "match", "gadget"]
 
@@ -140,7 +140,7 @@ def _server(data: Any, src: str) -> ServerSpec:
     ka = DEFAULT_KEEPALIVE
     if "keepalive" in data:
         if not isinstance(data["keepalive"], str):
-            raise ConfigError(f"{src}: server.keepalive must be a string like \"5,3,3,15000\"")
+            raise ConfigError(f"{src}: server.keepalive must be a string like \"4,3,3,12000\"")
         try:
             ka = Keepalive.parse(data["keepalive"])
         except (UsbipError, ValueError) as exc:
@@ -253,13 +253,5 @@ def parse_config(data: dict[str, Any], base: Path, src: str = "<config>") -> Sup
 
 def load_config(path: str | Path) -> SupervisorConfig:
     """Read and validate a supervisor configuration file."""
-    p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-    return parse_config(data, p.resolve().parent, str(path))
+    data = read_toml(path)
+    return parse_config(data, Path(path).resolve().parent, str(path))

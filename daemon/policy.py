@@ -24,13 +24,13 @@ classes cannot be matched.
 from __future__ import annotations
 
 import ipaddress
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from usbipx.errors import ConfigError
 from usbipx.protocol import UsbDevice
+from usbipx.tomlfile import read_toml
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Action = Literal["allow", "deny"]
@@ -163,10 +163,5 @@ def policy_from_dict(data: dict[str, Any], source: str = "policy") -> Policy:
 
 def load_policy(path: str | Path) -> Policy:
     """Read and validate a policy file."""
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read policy {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+    data = read_toml(path, "policy")
     return policy_from_dict(data, str(path))

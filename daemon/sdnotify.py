@@ -19,10 +19,13 @@ def notify(message: str) -> bool:
     if addr.startswith("@"):
         addr = "\0" + addr[1:]
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        # Never block: a notify socket nobody reads (its queue holds only a
+        # few datagrams) must not stall the event loop that sends to it.
+        with socket.socket(socket.AF_UNIX,
+                           socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as s:
             s.connect(addr)
-            s.sendall(message.encode())
-    except OSError:
+            s.send(message.encode())
+    except OSError:  # BlockingIOError included: the message is dropped
         return False
     return True
 

@@ -58,6 +58,7 @@ from usbipx.gadget.functions import (
     function_type,
     generic,
 )
+from usbipx.tomlfile import read_toml
 
 LANG_EN_US = 0x409
 GADGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -130,16 +131,7 @@ class GadgetSpec:
 
 def load_spec(path: str | Path) -> GadgetSpec:
     """Read and validate a TOML spec file; :class:`ConfigError` names the key at fault."""
-    p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{p}: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{p}: not UTF-8 text ({exc.reason})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{p}: invalid TOML: {exc}") from None
-    return parse_spec(data, source=str(p))
+    return parse_spec(read_toml(path), source=str(path))
 
 
 def loads_spec(text: str, source: str = "<spec>") -> GadgetSpec:

@@ -85,3 +85,20 @@ def test_watchdog_interval(monkeypatch: pytest.MonkeyPatch, usec: str | None, pi
             monkeypatch.setenv(var, {"self": str(os.getpid()),
                                      "other": str(os.getpid() + 1)}.get(value, value))
     assert sdnotify.watchdog_interval() == expected
+
+
+def test_a_full_notify_socket_never_blocks(tmp_path, monkeypatch) -> None:
+    """Nobody reads: after the queue fills, notify() drops messages instead of blocking."""
+    import socket as _socket
+    import time
+
+    from usbipx.daemon import sdnotify
+
+    path = str(tmp_path / "notify")
+    with _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM) as server:
+        server.bind(path)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        t0 = time.monotonic()
+        results = [sdnotify.notify(f"STATUS={i}") for i in range(2000)]
+        assert time.monotonic() - t0 < 5
+        assert results[0] is True and results[-1] is False
