@@ -22,12 +22,16 @@ from pathlib import Path
 import pytest
 from labkit import (
     GADGETS,
+    assert_vhci_disk_matches,
     block_devices_under,
     make_disk,
     read_block,
     remove_all_gadgets,
     sh,
     usb_busid_on_udc,
+    usbipx,
+    vhci_used_ports,
+    vudc_status,
     wait_for,
 )
 from loguru import logger
@@ -349,6 +353,37 @@ def test_vudc_gadget_has_a_device_descriptor(sysfs, disk):
     remove_gadget("labdemo", sysfs)
     # "auto" takes a free vUDC first
     assert apply_spec(loads_spec(spec_text(path, udc="auto")), sysfs).udc == "usbip-vudc.0"
+
+
+def vhci_interface_classes() -> set[int]:
+    """bInterfaceClass of every interface of the USB devices on vhci_hcd."""
+    out = set()
+    for intf in USB_DEVICES.glob("*:*"):
+        if "vhci_hcd" in str(intf.resolve()):
+            with contextlib.suppress(OSError, ValueError):
+                out.add(int((intf / "bInterfaceClass").read_text(), 16))
+    return out
+
+
+def test_composite_gadget_on_vudc_exported_with_connect(tmp_path, disk, daemons):
+    """`gadget apply` on usbip-vudc.0, then `connect -d`: the application side gets
+    the whole composite device and its disk reads back identical to its file."""
+    path, data = disk
+    spec = tmp_path / "v.toml"
+    spec.write_text(spec_text(path, name="vexport", udc="usbip-vudc.0"))
+    a = daemons("usbipa")
+    assert usbipx("gadget", "apply", str(spec)).stdout.startswith(
+        "gadget vexport: created, bound to usbip-vudc.0")
+    usbipx("-t", str(a.port), "connect", "-r", "127.0.0.1", "-b", "usbip-vudc.0", "-d")
+    assert_vhci_disk_matches(data)
+    # mass storage, CDC (ACM control + data) and HID all came across
+    assert wait_for(lambda: {0x08, 0x02, 0x0A, 0x03} <= vhci_interface_classes(),
+                    what="every interface on the vhci side")
+    usbipx("-t", str(a.port), "disconnect", "-r", "127.0.0.1", "-b", "usbip-vudc.0", "-d")
+    assert vhci_used_ports() == []
+    wait_for(lambda: vudc_status("usbip-vudc.0") == "1", what="the vUDC to be available again")
+    usbipx("gadget", "remove", "vexport")
+    assert list_gadgets(Sysfs()) == []
 
 
 def test_cli_end_to_end(tmp_path, disk):
