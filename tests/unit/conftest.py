@@ -14,10 +14,14 @@ See ``fakekernel.py`` for the kernel's API (write log, faults, races).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 from fakekernel import FakeKernel, FakeKernelSysfs
+from loopback import LoopbackServer, Spy
+
+from usbipx.daemon.usbipa import UsbipaHandler
+from usbipx.vhci import VhciDriver
 
 DEFAULT_SCENARIOS = ("host_unbound", "vhci_free", "vudc")
 """A whole machine with nothing bound, attached or exported (gadget v1 on usbip-vudc.0)."""
@@ -59,6 +63,14 @@ def kernel(request: pytest.FixtureRequest, make_kernel: Callable[..., FakeKernel
 def sysfs(kernel: FakeKernel) -> FakeKernelSysfs:
     """The fake kernel's Sysfs, for the drivers under test."""
     return kernel.sysfs
+
+
+@pytest.fixture
+def usbipa(kernel: FakeKernel) -> Iterator[tuple[LoopbackServer, Spy]]:
+    """A real usbipa handler on the fake kernel's vhci, served on loopback."""
+    spy = Spy(UsbipaHandler(VhciDriver(kernel.sysfs)))
+    with LoopbackServer(spy, "usbipa") as srv:
+        yield srv, spy
 
 
 @pytest.fixture(autouse=True)

@@ -20,9 +20,37 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from usbipx.daemon.server import Handler, Server, ServerConfig
+from fakekernel import FakeKernel
+
+from usbipx import protocol as p
+from usbipx.daemon.server import Handler, Outcome, Peer, Server, ServerConfig
+from usbipx.vhci import VhciDriver
 
 HOST = "127.0.0.1"
+
+
+class Spy:
+    """Wraps a handler to keep the requests, peers and server-side descriptors it saw."""
+
+    def __init__(self, inner: Handler) -> None:
+        self.inner = inner
+        self.calls: list[tuple[p.Request, Peer, int]] = []
+
+    def __call__(self, req: p.Request, peer: Peer, sock: socket.socket) -> Outcome:
+        self.calls.append((req, peer, sock.fileno()))
+        return self.inner(req, peer, sock)
+
+    @property
+    def fds(self) -> list[int]:
+        return [fd for _, _, fd in self.calls]
+
+    def kinds(self) -> list[str]:
+        return [type(r).__name__ for r, _, _ in self.calls]
+
+
+def used_ports(kernel: FakeKernel) -> list[int]:
+    """The fake kernel's vhci ports in use."""
+    return [x.port for x in VhciDriver(kernel.sysfs).ports() if not x.free]
 
 
 class LoopbackServer:

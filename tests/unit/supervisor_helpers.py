@@ -16,7 +16,6 @@ import json
 import os
 import random
 import select as _select
-import socket
 import struct
 import threading
 import time
@@ -27,9 +26,7 @@ from typing import Any
 from fakeconfigfs import GADGETS, FakeConfigfs
 from fakekernel import PLATFORM, USB_DEVICES, FakeKernel, FakeKernelSysfs
 
-from usbipx import protocol as p
 from usbipx.daemon.config import ExportSpec, Options, ServerSpec, SupervisorConfig
-from usbipx.daemon.server import Outcome, Peer
 from usbipx.daemon.supervisor import Device, Job, Supervisor
 from usbipx.daemon.worker import Worker
 from usbipx.gadget.spec import GadgetSpec, loads_spec
@@ -145,21 +142,6 @@ def fork_failure() -> OSError:
 # ---------------------------------------------------------------- worker tests
 
 UDC_CLASS = "/sys/class/udc"
-
-
-class Spy:
-    """Wraps a usbipa handler to keep the requests it saw."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.calls: list[tuple[p.Request, Peer]] = []
-
-    def __call__(self, req: p.Request, peer: Peer, sock: socket.socket) -> Outcome:
-        self.calls.append((req, peer))
-        return self.inner(req, peer, sock)  # type: ignore[no-any-return]
-
-    def kinds(self) -> list[str]:
-        return [type(r).__name__ for r, _ in self.calls]
 
 
 class SerialSysfs(FakeKernelSysfs):

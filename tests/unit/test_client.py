@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from fakekernel import PLATFORM, STUB_DIR, USB_DEVICES, USB_DRIVERS, VHCI0, FakeKernel
-from loopback import HOST, LoopbackServer, free_port
+from loopback import HOST, LoopbackServer, Spy, free_port, used_ports
 
 from usbipx import protocol as p
 from usbipx.client import (
@@ -55,38 +55,11 @@ SOCKFD_1_1 = f"{USB_DEVICES}/1-1/usbip_sockfd"
 V0, V1 = "usbip-vudc.0", "usbip-vudc.1"
 
 
-class Spy:
-    """Wraps a handler to keep the requests and the server-side descriptors it saw."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.calls: list[tuple[p.Request, Peer, int]] = []
-
-    def __call__(self, req: p.Request, peer: Peer, sock: socket.socket) -> Outcome:
-        self.calls.append((req, peer, sock.fileno()))
-        return self.inner(req, peer, sock)
-
-    @property
-    def fds(self) -> list[int]:
-        return [fd for _, _, fd in self.calls]
-
-
 @pytest.fixture
 def usbipd(kernel: FakeKernel) -> Iterator[tuple[LoopbackServer, Spy]]:
     spy = Spy(UsbipdHandler(HostDriver(kernel.sysfs)))
     with LoopbackServer(spy, "usbipd") as srv:
         yield srv, spy
-
-
-@pytest.fixture
-def usbipa(kernel: FakeKernel) -> Iterator[tuple[LoopbackServer, Spy]]:
-    spy = Spy(UsbipaHandler(VhciDriver(kernel.sysfs)))
-    with LoopbackServer(spy, "usbipa") as srv:
-        yield srv, spy
-
-
-def used_ports(kernel: FakeKernel) -> list[int]:
-    return [x.port for x in VhciDriver(kernel.sysfs).ports() if not x.free]
 
 
 def records(kernel: FakeKernel) -> dict[str, str]:

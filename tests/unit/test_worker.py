@@ -14,20 +14,18 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fakeconfigfs import GADGETS
 from fakekernel import PLATFORM, STUB_DIR, FakeKernel
-from loopback import HOST, LoopbackServer
+from loopback import HOST, LoopbackServer, Spy, used_ports
 from supervisor_helpers import (
     UDC_CLASS,
     GadgetKernelSysfs,
     PipeSelect,
     SerialSysfs,
-    Spy,
     WorkerThread,
     drop_export,
     gadget_spec,
@@ -83,19 +81,8 @@ def ssys(kernel: FakeKernel) -> SerialSysfs:
     return SerialSysfs(kernel)
 
 
-@pytest.fixture
-def usbipa(kernel: FakeKernel) -> Iterator[tuple[LoopbackServer, Spy]]:
-    spy = Spy(UsbipaHandler(VhciDriver(kernel.sysfs)))
-    with LoopbackServer(spy, "usbipa") as srv:
-        yield srv, spy
-
-
-def used_ports(kernel: FakeKernel) -> list[int]:
-    return [x.port for x in VhciDriver(kernel.sysfs).ports() if not x.free]
-
-
 def requests(spy: Spy, kind: type) -> list[Any]:
-    return [r for r, _ in spy.calls if isinstance(r, kind)]
+    return [r for r, _, _ in spy.calls if isinstance(r, kind)]
 
 
 # ---------------------------------------------------------------- stub mode
