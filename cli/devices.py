@@ -85,88 +85,84 @@ def _print_vudc(devs: list[tuple[str, LocalDevice | None]]) -> None:
         typer.echo("")
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("list")
-    @handle_errors
-    def list_cmd(
-        ctx: typer.Context,
-        local: bool = typer.Option(False, "--local", "-l", help="List local USB devices."),
-        remote: str | None = typer.Option(None, "--remote", "-r", metavar="HOST",
-                                   help="List devices exported by HOST's usbipd."),
-        device: bool = typer.Option(False, "--device", "-d",
-                                    help="List local usbip-vudc instances and their gadgets."),
-        parsable: bool = typer.Option(False, "--parsable", "-p",
-                                      help="Parsable output (with -l)."),
-        json_out: bool = typer.Option(False, "--json", help="Print JSON."),
-    ) -> None:
-        """List local devices (-l), vUDC gadgets (-d) or a remote usbipd's devices (-r)."""
-        st = state(ctx)
-        as_json = json_out or st.json
-        chosen = sum([local, remote is not None, device])
-        if chosen != 1:
-            raise UsbipError("choose exactly one of --local, --remote HOST, --device")
-        if remote is not None:
-            from usbipx.client import list_remote
+@handle_errors
+def list_cmd(
+    ctx: typer.Context,
+    local: bool = typer.Option(False, "--local", "-l", help="List local USB devices."),
+    remote: str | None = typer.Option(None, "--remote", "-r", metavar="HOST",
+                               help="List devices exported by HOST's usbipd."),
+    device: bool = typer.Option(False, "--device", "-d",
+                                help="List local usbip-vudc instances and their gadgets."),
+    parsable: bool = typer.Option(False, "--parsable", "-p",
+                                  help="Parsable output (with -l)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List local devices (-l), vUDC gadgets (-d) or a remote usbipd's devices (-r)."""
+    st = state(ctx)
+    as_json = json_out or st.json
+    chosen = sum([local, remote is not None, device])
+    if chosen != 1:
+        raise UsbipError("choose exactly one of --local, --remote HOST, --device")
+    if remote is not None:
+        from usbipx.client import list_remote
 
-            devs = list_remote(remote, st.tcp_port)
-            if as_json:
-                emit_json([device_json(e.device, e.interfaces) for e in devs])
-            else:
-                _print_remote(remote, devs)
-            return
-        if device:
-            from usbipx.gadget.vudc import VudcDriver
-
-            drv = VudcDriver(st.kernel())
-            drv.check_loaded()
-            rows: list[tuple[str, LocalDevice | None]] = []
-            for name in drv.instances():
-                try:
-                    rows.append((name, drv.read_device(name)))
-                except UsbipError:
-                    rows.append((name, None))
-            if as_json:
-                emit_json([{"vudc": n, "gadget": d.driver if d else None,
-                            "device": local_json(d) if d else None} for n, d in rows])
-            else:
-                _print_vudc(rows)
-            return
-        from usbipx.stubmode.host import HostDriver
-
-        local_devs = HostDriver(st.kernel()).list_devices()
+        devs = list_remote(remote, st.tcp_port)
         if as_json:
-            emit_json([local_json(d) for d in local_devs])
+            emit_json([device_json(e.device, e.interfaces) for e in devs])
         else:
-            _print_local(local_devs, parsable)
+            _print_remote(remote, devs)
+        return
+    if device:
+        from usbipx.gadget.vudc import VudcDriver
 
-    @app.command()
-    @handle_errors
-    def bind(
-        ctx: typer.Context,
-        busid: str = typer.Option(..., "--busid", "-b", help="Bus id of the device, e.g. 1-1."),
-    ) -> None:
-        """Bind a local USB device to usbip-host so it can be exported."""
-        from usbipx.stubmode.host import HostDriver
-
-        st = state(ctx)
-        original = HostDriver(st.kernel()).bind(busid)
-        if st.json:
-            emit_json({"busid": busid, "driver": "usbip-host", "previous_driver": original})
+        drv = VudcDriver(st.kernel())
+        drv.check_loaded()
+        rows: list[tuple[str, LocalDevice | None]] = []
+        for name in drv.instances():
+            try:
+                rows.append((name, drv.read_device(name)))
+            except UsbipError:
+                rows.append((name, None))
+        if as_json:
+            emit_json([{"vudc": n, "gadget": d.driver if d else None,
+                        "device": local_json(d) if d else None} for n, d in rows])
         else:
-            typer.echo(f"bind device on busid {busid}: complete")
+            _print_vudc(rows)
+        return
+    from usbipx.stubmode.host import HostDriver
 
-    @app.command()
-    @handle_errors
-    def unbind(
-        ctx: typer.Context,
-        busid: str = typer.Option(..., "--busid", "-b", help="Bus id of the device, e.g. 1-1."),
-    ) -> None:
-        """Give a device bound to usbip-host back to its original driver."""
-        from usbipx.stubmode.host import HostDriver
+    local_devs = HostDriver(st.kernel()).list_devices()
+    if as_json:
+        emit_json([local_json(d) for d in local_devs])
+    else:
+        _print_local(local_devs, parsable)
 
-        st = state(ctx)
-        now = HostDriver(st.kernel()).unbind(busid)
-        if st.json:
-            emit_json({"busid": busid, "driver": now})
-        else:
-            typer.echo(f"unbind device on busid {busid}: complete")
+@handle_errors
+def bind(
+    ctx: typer.Context,
+    busid: str = typer.Option(..., "--busid", "-b", help="Bus id of the device, e.g. 1-1."),
+) -> None:
+    """Bind a local USB device to usbip-host so it can be exported."""
+    from usbipx.stubmode.host import HostDriver
+
+    st = state(ctx)
+    original = HostDriver(st.kernel()).bind(busid)
+    if st.json:
+        emit_json({"busid": busid, "driver": "usbip-host", "previous_driver": original})
+    else:
+        typer.echo(f"bind device on busid {busid}: complete")
+
+@handle_errors
+def unbind(
+    ctx: typer.Context,
+    busid: str = typer.Option(..., "--busid", "-b", help="Bus id of the device, e.g. 1-1."),
+) -> None:
+    """Give a device bound to usbip-host back to its original driver."""
+    from usbipx.stubmode.host import HostDriver
+
+    st = state(ctx)
+    now = HostDriver(st.kernel()).unbind(busid)
+    if st.json:
+        emit_json({"busid": busid, "driver": now})
+    else:
+        typer.echo(f"unbind device on busid {busid}: complete")

@@ -14,50 +14,47 @@ def _mode(busid: str, device: bool) -> bool:
     return device or is_vudc_busid(busid)
 
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    @handle_errors
-    def connect(
-        ctx: typer.Context,
-        remote: str = typer.Option(..., "--remote", "-r", metavar="HOST",
-                                   help="Host running usbipa."),
-        busid: str = typer.Option(..., "--busid", "-b",
-                                  help="Bus id (1-1) or, with -d, vUDC (usbip-vudc.0)."),
-        device: bool = typer.Option(False, "--device", "-d",
-                                    help="vUDC mode: export the gadget bound to a usbip-vudc."),
-        keepalive_opt: str | None = typer.Option(None, "--keepalive", help=KEEPALIVE_HELP),
-    ) -> None:
-        """Export a device to a usbipa (the device side connects out: OP_REQ_EXPORT)."""
-        from usbipx.client import export_device
+@handle_errors
+def connect(
+    ctx: typer.Context,
+    remote: str = typer.Option(..., "--remote", "-r", metavar="HOST",
+                               help="Host running usbipa."),
+    busid: str = typer.Option(..., "--busid", "-b",
+                              help="Bus id (1-1) or, with -d, vUDC (usbip-vudc.0)."),
+    device: bool = typer.Option(False, "--device", "-d",
+                                help="vUDC mode: export the gadget bound to a usbip-vudc."),
+    keepalive_opt: str | None = typer.Option(None, "--keepalive", help=KEEPALIVE_HELP),
+) -> None:
+    """Export a device to a usbipa (the device side connects out: OP_REQ_EXPORT)."""
+    from usbipx.client import export_device
 
-        st = state(ctx)
-        driver = device_driver(st.kernel(), vudc=_mode(busid, device))
-        res = export_device(remote, busid, driver, st.tcp_port, keepalive(keepalive_opt))
-        if st.json:
-            emit_json({"busid": busid, "host": remote, "port": st.tcp_port,
-                       "bound_here": res.bound_here})
-        else:
-            typer.echo(f"exported {busid} to {remote}:{st.tcp_port}")
+    st = state(ctx)
+    driver = device_driver(st.kernel(), vudc=_mode(busid, device))
+    res = export_device(remote, busid, driver, st.tcp_port, keepalive(keepalive_opt))
+    if st.json:
+        emit_json({"busid": busid, "host": remote, "port": st.tcp_port,
+                   "bound_here": res.bound_here})
+    else:
+        typer.echo(f"exported {busid} to {remote}:{st.tcp_port}")
 
-    @app.command()
-    @handle_errors
-    def disconnect(
-        ctx: typer.Context,
-        remote: str = typer.Option(..., "--remote", "-r", metavar="HOST",
-                                   help="Host running usbipa."),
-        busid: str = typer.Option(..., "--busid", "-b",
-                                  help="Bus id (1-1) or, with -d, vUDC (usbip-vudc.0)."),
-        device: bool = typer.Option(False, "--device", "-d", help="vUDC mode."),
-        force: bool = typer.Option(False, "--force",
-                                   help="Withdraw the device locally even if usbipa fails."),
-    ) -> None:
-        """Withdraw an exported device from a usbipa (OP_REQ_UNEXPORT)."""
-        from usbipx.client import unexport_device
+@handle_errors
+def disconnect(
+    ctx: typer.Context,
+    remote: str = typer.Option(..., "--remote", "-r", metavar="HOST",
+                               help="Host running usbipa."),
+    busid: str = typer.Option(..., "--busid", "-b",
+                              help="Bus id (1-1) or, with -d, vUDC (usbip-vudc.0)."),
+    device: bool = typer.Option(False, "--device", "-d", help="vUDC mode."),
+    force: bool = typer.Option(False, "--force",
+                               help="Withdraw the device locally even if usbipa fails."),
+) -> None:
+    """Withdraw an exported device from a usbipa (OP_REQ_UNEXPORT)."""
+    from usbipx.client import unexport_device
 
-        st = state(ctx)
-        driver = device_driver(st.kernel(), vudc=_mode(busid, device))
-        unexport_device(remote, busid, driver, st.tcp_port, force)
-        if st.json:
-            emit_json({"busid": busid, "host": remote, "unexported": True})
-        else:
-            typer.echo(f"unexported {busid} from {remote}")
+    st = state(ctx)
+    driver = device_driver(st.kernel(), vudc=_mode(busid, device))
+    unexport_device(remote, busid, driver, st.tcp_port, force)
+    if st.json:
+        emit_json({"busid": busid, "host": remote, "unexported": True})
+    else:
+        typer.echo(f"unexported {busid} from {remote}")

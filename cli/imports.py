@@ -40,76 +40,71 @@ def imported_json(sysfs: Sysfs, imp: ImportedDevice) -> dict[str, Any]:
     }
 
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    @handle_errors
-    def attach(
-        ctx: typer.Context,
-        remote: str = typer.Option(..., "--remote", "-r", metavar="HOST",
-                                   help="Host running usbipd."),
-        busid: str | None = typer.Option(None, "--busid", "-b",
-                                         help="Bus id of the remote device."),
-        device: str | None = typer.Option(None, "--device", "-d", metavar="VUDC",
-                                   help="Remote vUDC to attach, e.g. usbip-vudc.0."),
-    ) -> None:
-        """Import a device from a usbipd into this host's vhci_hcd."""
-        from usbipx.client import attach_remote
+@handle_errors
+def attach(
+    ctx: typer.Context,
+    remote: str = typer.Option(..., "--remote", "-r", metavar="HOST",
+                               help="Host running usbipd."),
+    busid: str | None = typer.Option(None, "--busid", "-b",
+                                     help="Bus id of the remote device."),
+    device: str | None = typer.Option(None, "--device", "-d", metavar="VUDC",
+                               help="Remote vUDC to attach, e.g. usbip-vudc.0."),
+) -> None:
+    """Import a device from a usbipd into this host's vhci_hcd."""
+    from usbipx.client import attach_remote
 
-        target = busid or device
-        if target is None or (busid is not None and device is not None):
-            raise UsbipError("give exactly one of --busid BUSID or --device VUDC")
-        st = state(ctx)
-        res = attach_remote(remote, target, VhciDriver(st.kernel()), st.tcp_port)
-        if st.json:
-            emit_json({"port": res.port, "host": res.host, "busid": res.busid})
+    target = busid or device
+    if target is None or (busid is not None and device is not None):
+        raise UsbipError("give exactly one of --busid BUSID or --device VUDC")
+    st = state(ctx)
+    res = attach_remote(remote, target, VhciDriver(st.kernel()), st.tcp_port)
+    if st.json:
+        emit_json({"port": res.port, "host": res.host, "busid": res.busid})
+    else:
+        typer.echo(f"attached {res.busid} from {res.host} to port {res.port}")
+
+@handle_errors
+def detach(
+    ctx: typer.Context,
+    port: int = typer.Option(..., "--port", "-p", help="vhci port number (see `port`)."),
+) -> None:
+    """Detach an imported device from its vhci port."""
+    from usbipx.client import detach_port
+
+    st = state(ctx)
+    detach_port(port, VhciDriver(st.kernel()))
+    if st.json:
+        emit_json({"port": port, "detached": True})
+    else:
+        typer.echo(f"port {port} is now detached")
+
+@handle_errors
+def port(
+    ctx: typer.Context,
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List imported devices (vhci ports in use)."""
+    st = state(ctx)
+    sysfs = st.kernel()
+    vhci = VhciDriver(sysfs)
+    imported = vhci.imported()
+    if json_out or st.json:
+        emit_json([imported_json(sysfs, i) for i in imported])
+        return
+    typer.echo("Imported USB devices")
+    typer.echo("====================")
+    for imp in imported:
+        p = imp.port
+        typer.echo(f"Port {p.port:02d}: <{_status_label(p.status.name)}> at {p.speed.label}")
+        ids = _local_names(sysfs, p.local_busid)
+        if ids:
+            typer.echo(f"       {usbids.describe(*ids)}")
+        if imp.record:
+            r = imp.record
+            typer.echo(f"{p.local_busid:>10} -> usbip://{r.host}:{r.service}/{r.busid}")
         else:
-            typer.echo(f"attached {res.busid} from {res.host} to port {res.port}")
-
-    @app.command()
-    @handle_errors
-    def detach(
-        ctx: typer.Context,
-        port: int = typer.Option(..., "--port", "-p", help="vhci port number (see `port`)."),
-    ) -> None:
-        """Detach an imported device from its vhci port."""
-        from usbipx.client import detach_port
-
-        st = state(ctx)
-        detach_port(port, VhciDriver(st.kernel()))
-        if st.json:
-            emit_json({"port": port, "detached": True})
-        else:
-            typer.echo(f"port {port} is now detached")
-
-    @app.command()
-    @handle_errors
-    def port(
-        ctx: typer.Context,
-        json_out: bool = typer.Option(False, "--json", help="Print JSON."),
-    ) -> None:
-        """List imported devices (vhci ports in use)."""
-        st = state(ctx)
-        sysfs = st.kernel()
-        vhci = VhciDriver(sysfs)
-        imported = vhci.imported()
-        if json_out or st.json:
-            emit_json([imported_json(sysfs, i) for i in imported])
-            return
-        typer.echo("Imported USB devices")
-        typer.echo("====================")
-        for imp in imported:
-            p = imp.port
-            typer.echo(f"Port {p.port:02d}: <{_status_label(p.status.name)}> at {p.speed.label}")
-            ids = _local_names(sysfs, p.local_busid)
-            if ids:
-                typer.echo(f"       {usbids.describe(*ids)}")
-            if imp.record:
-                r = imp.record
-                typer.echo(f"{p.local_busid:>10} -> usbip://{r.host}:{r.service}/{r.busid}")
-            else:
-                typer.echo(f"{p.local_busid:>10} -> unknown host, remote port and remote busid")
-            typer.echo(f"           -> remote bus/dev {p.devid >> 16:03d}/{p.devid & 0xFFFF:03d}")
-
+            typer.echo(f"{p.local_busid:>10} -> unknown host, remote port and remote busid")
+        typer.echo(f"           -> remote bus/dev {p.devid >> 16:03d}/{p.devid & 0xFFFF:03d}")
 
 def _status_label(name: str) -> str:
     return {"USED": "Port in Use", "NOTASSIGNED": "Port Initializing",

@@ -42,10 +42,13 @@ def _global(
 def _register() -> None:
     from usbipx.cli import daemons, devices, exports, gadget, imports, supervisor
 
-    devices.register(app)
-    imports.register(app)
-    exports.register(app)
-    daemons.register(app)
+    for name, func in (
+        ("list", devices.list_cmd), ("bind", devices.bind), ("unbind", devices.unbind),
+        ("attach", imports.attach), ("detach", imports.detach), ("port", imports.port),
+        ("connect", exports.connect), ("disconnect", exports.disconnect),
+        ("usbipd", daemons.usbipd), ("usbipa", daemons.usbipa),
+    ):
+        app.command(name)(func)
     app.add_typer(gadget.app, name="gadget")
     app.add_typer(supervisor.app, name="supervisor")
 
