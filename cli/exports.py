@@ -6,7 +6,7 @@ import typer
 
 from usbipx.cli.common import KEEPALIVE_HELP, emit_json, handle_errors, keepalive, state
 from usbipx.driver import device_driver
-from usbipx.protocol import is_vudc_busid
+from usbipx.names import is_vudc_busid
 
 
 def _mode(busid: str, device: bool) -> bool:

@@ -38,8 +38,8 @@ from typing import Any, Literal
 
 from usbipx.errors import ConfigError, UsbipError
 from usbipx.gadget.spec import GadgetSpec, load_spec
+from usbipx.names import is_vudc_busid, validate_busid
 from usbipx.net import DEFAULT_KEEPALIVE, USBIP_PORT, Keepalive
-from usbipx.protocol import is_vudc_busid, validate_busid
 from usbipx.tomlfile import read_toml
 
 ExportKind = Literal["busid", "match", "gadget"]

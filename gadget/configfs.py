@@ -69,12 +69,12 @@ from usbipx.gadget.spec import (
     Strings,
     check_bindable,
 )
+from usbipx.names import is_vudc_busid
 from usbipx.sysfs import Sysfs
 
 CONFIGFS = "/sys/kernel/config"
 GADGET_ROOT = f"{CONFIGFS}/usb_gadget"
 UDC_CLASS = "/sys/class/udc"
-VUDC_PREFIX = "usbip-vudc."
 _LANG_DIR = re.compile(r"^0x[0-9a-fA-F]+$")
 _CONFIG_DIR = re.compile(r"^(.+)\.([0-9]+)$")
 _LUN_DIR = re.compile(r"^lun\.([0-9]+)$")
@@ -145,7 +145,7 @@ class UdcInfo:
 
     @property
     def is_vudc(self) -> bool:
-        return self.name.startswith(VUDC_PREFIX)
+        return is_vudc_busid(self.name)
 
 
 # ---------------------------------------------------------------- low level

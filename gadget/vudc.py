@@ -9,7 +9,6 @@ attaches it with devid 0) and no interface records.
 
 from __future__ import annotations
 
-import re
 import struct
 
 from usbipx.driver import ExportStatus, LocalDevice
@@ -21,13 +20,13 @@ from usbipx.errors import (
     UsbipError,
     ValidationError,
 )
-from usbipx.protocol import Speed, UsbDevice, is_vudc_busid, validate_busid
+from usbipx.names import VUDC_NAME, is_vudc_busid, validate_busid, vudc_index
+from usbipx.protocol import Speed, UsbDevice
 from usbipx.sysfs import Sysfs
 
 PLATFORM = "/sys/devices/platform"
 UDC_CLASS = "/sys/class/udc"
 VUDC_DRIVER = "usbip-vudc"
-_INSTANCE = re.compile(r"^usbip-vudc\.[0-9]+$")
 _DEV_DESC = struct.Struct("<BBHBBBBHHHBBBB")
 USB_DT_DEVICE = 0x01
 
@@ -61,8 +60,8 @@ class VudcDriver:
 
     def instances(self) -> list[str]:
         """Names of the vUDC instances (``usbip-vudc.0`` ...), with or without a gadget."""
-        names = [n for n in self.sysfs.listdir(PLATFORM) if _INSTANCE.fullmatch(n)]
-        return sorted(names, key=lambda n: int(n.rsplit(".", 1)[1]))
+        names = [n for n in self.sysfs.listdir(PLATFORM) if VUDC_NAME.fullmatch(n)]
+        return sorted(names, key=vudc_index)
 
     def _checked(self, busid: str) -> str:
         validate_busid(busid)

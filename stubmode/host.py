@@ -25,7 +25,8 @@ from usbipx.errors import (
     ValidationError,
     with_context,
 )
-from usbipx.protocol import Speed, UsbDevice, UsbInterface, is_vudc_busid, validate_busid
+from usbipx.names import is_usb_busid, is_vudc_busid, validate_busid
+from usbipx.protocol import Speed, UsbDevice, UsbInterface
 from usbipx.sysfs import Sysfs
 
 USB_DEVICES = "/sys/bus/usb/devices"
@@ -44,7 +45,6 @@ _SPEEDS = {
     "10000": Speed.SUPER_PLUS,
     "20000": Speed.SUPER_PLUS,
 }
-_DEVICE_NAME = re.compile(r"^[0-9]+-[0-9]+(\.[0-9]+)*$")
 
 
 def speed_from_sysfs(text: str) -> Speed:
@@ -137,7 +137,7 @@ class HostDriver:
         """Every USB device of this host except root hubs, ordered by bus id."""
         out = []
         for name in self.sysfs.listdir(USB_DEVICES):
-            if not _DEVICE_NAME.fullmatch(name):
+            if not is_usb_busid(name):
                 continue
             try:
                 out.append(self.read_device(name))
@@ -149,7 +149,7 @@ class HostDriver:
         """Devices bound to usbip-host (the driver's directory lists them)."""
         out = []
         for name in self.sysfs.listdir(STUB_DIR):
-            if not _DEVICE_NAME.fullmatch(name):
+            if not is_usb_busid(name):
                 continue
             try:
                 dev = self.read_device(name)

@@ -17,6 +17,7 @@ from loguru import logger
 
 from usbipx.driver import DeviceDriver, ExportStatus, LocalDevice
 from usbipx.errors import DeviceBusy, DeviceNotFound, ProtocolError, RemoteError, UsbipError
+from usbipx.names import validate_busid
 from usbipx.net import DEFAULT_KEEPALIVE, USBIP_PORT, Keepalive, connect, request
 from usbipx.protocol import (
     DevlistReply,
@@ -29,7 +30,6 @@ from usbipx.protocol import (
     Status,
     UnexportRequest,
     UsbDevice,
-    validate_busid,
 )
 from usbipx.stubmode.host import HostDriver
 from usbipx.vhci import VhciDriver

@@ -35,6 +35,7 @@ from enum import IntEnum
 from typing import ClassVar, TypeAlias
 
 from usbipx.errors import ProtocolError, ValidationError
+from usbipx.names import validate_busid
 
 USBIP_VERSION = 0x0111
 
@@ -69,8 +70,6 @@ _INTERFACE = struct.Struct(">BBBx")
 _COUNT = struct.Struct(">I")
 assert _DEVICE.size == DEVICE_SIZE and _INTERFACE.size == INTERFACE_SIZE
 
-# Bus ids as the kernel names USB devices (1-1, 3-1.4.2) and vUDC instances.
-_BUSID_RE = re.compile(r"^(?:[0-9]{1,3}-[0-9]{1,3}(?:\.[0-9]{1,3}){0,5}|usbip-vudc\.[0-9]{1,4})$")
 _PATH_RE = re.compile(r"^[A-Za-z0-9/._:+-]*$")
 
 
@@ -130,21 +129,6 @@ _SPEED_LABEL = {
     Speed.SUPER: "Super Speed(5000Mbps)",
     Speed.SUPER_PLUS: "Super Speed Plus(10000Mbps)",
 }
-
-
-def validate_busid(busid: str) -> str:
-    """Return ``busid`` if it names a USB device (``1-1.2``) or a vUDC (``usbip-vudc.0``)."""
-    if not _BUSID_RE.fullmatch(busid):
-        raise ValidationError(
-            f"bad bus id {busid!r}: expected a USB bus id like 1-1 or 1-1.2, "
-            "or a vUDC like usbip-vudc.0"
-        )
-    return busid
-
-
-def is_vudc_busid(busid: str) -> bool:
-    """Whether ``busid`` names a usbip-vudc instance rather than a USB device."""
-    return busid.startswith("usbip-vudc.")
 
 
 def _check_int(name: str, value: int, bits: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -25,3 +26,21 @@ def read_toml(path: str | Path, what: str = "") -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def toml_int(value: Any, where: str, lo: int, hi: int) -> int:
+    """``value`` if it is an integer in ``lo..hi`` (TOML booleans are not integers)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ConfigError(f"{where} must be an integer {lo}..{hi}, got {value!r}")
+    return value
+
+
+def toml_number(value: Any, where: str, lo: float, hi: float) -> float:
+    """``value`` as a float if it is a finite number in ``lo..hi``.
+
+    TOML has nan and inf: neither is a usable delay, timeout or count.
+    """
+    if (not isinstance(value, int | float) or isinstance(value, bool)
+            or not math.isfinite(value) or not lo <= value <= hi):
+        raise ConfigError(f"{where} must be a number {lo:g}..{hi:g}, got {value!r}")
+    return float(value)

@@ -32,7 +32,8 @@ from usbipx.errors import (
     ValidationError,
     with_context,
 )
-from usbipx.protocol import Speed, UsbDevice, validate_busid
+from usbipx.names import validate_busid
+from usbipx.protocol import Speed, UsbDevice
 from usbipx.sysfs import Sysfs
 
 VHCI0 = "/sys/devices/platform/vhci_hcd.0"
