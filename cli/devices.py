@@ -146,9 +146,10 @@ def bind(
     from usbipx.stubmode.host import HostDriver
 
     st = state(ctx)
-    original = HostDriver(st.kernel()).bind(busid)
+    lease = HostDriver(st.kernel()).bind(busid)
     if st.json:
-        emit_json({"busid": busid, "driver": "usbip-host", "previous_driver": original})
+        emit_json({"busid": busid, "driver": "usbip-host",
+                   "previous_driver": lease.original_driver})
     else:
         typer.echo(f"bind device on busid {busid}: complete")
 

@@ -26,11 +26,12 @@ def connect(
     keepalive_opt: str | None = typer.Option(None, "--keepalive", help=KEEPALIVE_HELP),
 ) -> None:
     """Export a device to a usbipa (the device side connects out: OP_REQ_EXPORT)."""
-    from usbipx.client import export_device
+    from usbipx.client import export_device, export_records
 
     st = state(ctx)
     driver = device_driver(st.kernel(), vudc=_mode(busid, device))
-    res = export_device(remote, busid, driver, st.tcp_port, keepalive(keepalive_opt))
+    res = export_device(remote, busid, driver, st.tcp_port, keepalive(keepalive_opt),
+                        store=export_records(st.kernel()))
     if st.json:
         emit_json({"busid": busid, "host": remote, "port": st.tcp_port,
                    "bound_here": res.bound_here})
@@ -49,11 +50,11 @@ def disconnect(
                                help="Withdraw the device locally even if usbipa fails."),
 ) -> None:
     """Withdraw an exported device from a usbipa (OP_REQ_UNEXPORT)."""
-    from usbipx.client import unexport_device
+    from usbipx.client import export_records, withdraw
 
     st = state(ctx)
     driver = device_driver(st.kernel(), vudc=_mode(busid, device))
-    unexport_device(remote, busid, driver, st.tcp_port, force)
+    withdraw(remote, busid, driver, export_records(st.kernel()), st.tcp_port, force)
     if st.json:
         emit_json({"busid": busid, "host": remote, "unexported": True})
     else:

@@ -15,11 +15,9 @@ from usbipx.vhci import ImportedDevice, VhciDriver
 
 def _local_names(sysfs: Sysfs, busid: str) -> tuple[int, int] | None:
     """idVendor/idProduct of the vhci-side device, if it has enumerated."""
-    base = f"/sys/bus/usb/devices/{busid}"
-    try:
-        return (sysfs.read_int(f"{base}/idVendor", 16), sysfs.read_int(f"{base}/idProduct", 16))
-    except (UsbipError, ValueError):
-        return None
+    from usbipx.stubmode.host import HostDriver
+
+    return HostDriver(sysfs).ids(busid)
 
 
 def imported_json(sysfs: Sysfs, imp: ImportedDevice) -> dict[str, Any]:

@@ -9,18 +9,20 @@ restarted -- back off (exponential, jittered, capped) and export again.  On
 stop: UNEXPORT, the stub device back to its original driver, a gadget we
 created removed.
 
-What a worker binds or creates is written to an ownership record in the
-state directory first, so a supervisor restarted after a crash can adopt
-or clean up what its predecessor left (:func:`clean_leftovers`).
+What preparing the device takes is a lease (:mod:`usbipx.lease`): the
+worker claims it, writes it to its ownership record in the state directory
+*before* binding or creating anything, and on stop gives back exactly what
+the lease took -- a device bound before the supervisor came stays bound, a
+gadget it did not create stays.  A supervisor restarted after a crash
+adopts or releases what its predecessor left (:func:`clean_leftovers`),
+through the same records and the same ``release``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
-import re
 import select
 import signal
 from collections.abc import Callable
@@ -30,13 +32,16 @@ from typing import Any
 
 from loguru import logger
 
-from usbipx.client import export_device, unexport_device
+from usbipx.client import export_prepared, unexport_device
 from usbipx.daemon.supervisor import Job, State
-from usbipx.driver import DeviceDriver, ExportStatus
+from usbipx.driver import DeviceDriver, ExportStatus, driver_of_lease
 from usbipx.errors import DeviceBusy, DeviceNotFound, UsbipError
-from usbipx.gadget.configfs import apply_spec, gadget_on_udc, read_gadget, remove_gadget
+from usbipx.gadget.configfs import gadget_on_udc, read_gadget
 from usbipx.gadget.vudc import VudcDriver
+from usbipx.lease import Lease
 from usbipx.net import Keepalive
+from usbipx.ownership import Owned, OwnershipStore
+from usbipx.procfs import Proc
 from usbipx.stubmode.host import HostDriver
 from usbipx.sysfs import Sysfs
 
@@ -68,59 +73,6 @@ class Backoff:
         return base * (1 + self.rng.uniform(-self.jitter, self.jitter))
 
 
-# -- ownership records -----------------------------------------------------
-
-def _safe(key: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", key)
-
-
-def _starttime(pid: int) -> str | None:
-    """Process start time (clock ticks since boot): tells a pid from a reused one."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-class Ownership:
-    """Records of what workers bound or created, one JSON file per export."""
-
-    def __init__(self, state_dir: str | Path) -> None:
-        self.dir = Path(state_dir) / "owned"
-
-    def path(self, key: str) -> Path:
-        return self.dir / f"{_safe(key)}.json"
-
-    def read(self, key: str) -> dict[str, Any]:
-        try:
-            data = json.loads(self.path(key).read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    def update(self, key: str, **values: Any) -> None:
-        """Merge ``values`` into the record of ``key`` (written atomically)."""
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        data = {**self.read(key), **values, "key": key, "pid": os.getpid(),
-                "starttime": _starttime(os.getpid())}
-        tmp = self.path(key).with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(self.path(key))
-
-    def remove(self, key: str) -> None:
-        self.path(key).unlink(missing_ok=True)
-
-    def all(self) -> list[dict[str, Any]]:
-        out = []
-        for f in sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []:
-            with contextlib.suppress(OSError, ValueError):
-                data = json.loads(f.read_text())
-                if isinstance(data, dict) and isinstance(data.get("key"), str):
-                    out.append(data)
-        return out
-
-
 # -- the worker -----------------------------------------------------------------
 
 class Worker:
@@ -133,21 +85,23 @@ class Worker:
     """
 
     def __init__(self, job: Job, report: Report, sysfs: Sysfs | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, proc: Proc | None = None) -> None:
         self.job = job
         self.report_fn = report
         self.sysfs = sysfs or Sysfs()
         self.opts = job.options
         self.server = job.server
-        self.owned = Ownership(self.opts.state_dir)
+        self.store = records(self.opts.state_dir, proc)
         self.backoff = Backoff(self.opts.backoff_initial, self.opts.backoff_max,
                                rng=rng or random.Random())
         self.stopping = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self.busid: str | None = job.busid
-        self.driver: DeviceDriver = (VudcDriver(self.sysfs) if job.spec.kind == "gadget"
+        self.vudc = VudcDriver(self.sysfs)
+        self.driver: DeviceDriver = (self.vudc if job.spec.kind == "gadget"
                                      else HostDriver(self.sysfs))
+        self.lease: Lease | None = None
         self.exported = False
         self._last: tuple[str, str | None] | None = None
         self.log = logger.bind(export=job.key)
@@ -190,51 +144,45 @@ class Worker:
         if self.job.spec.kind == "gadget":
             gadget = self.job.spec.gadget
             assert gadget is not None
-            rec = self.owned.read(self.job.key)
             try:
                 read_gadget(gadget.name, self.sysfs)
             except UsbipError:
                 return True  # no gadget yet: provisioning creates it
-            udc = rec.get("udc")
+            lease = self._held()
+            udc = lease.busid if lease is not None else None
             # A gadget we bound and somebody unbound is an unplugged device.
             return not (udc and gadget_on_udc(udc, self.sysfs) != gadget.name)
         assert self.busid is not None
-        return self.sysfs.is_dir(f"/sys/bus/usb/devices/{self.busid}")
+        return self.driver.present(self.busid)
+
+    def _held(self) -> Lease | None:
+        """The lease this export holds: ours, or the one a predecessor recorded."""
+        if self.lease is None:
+            rec = self.store.read(self.job.key)
+            self.lease = rec.lease if rec is not None else None
+        return self.lease
+
+    def _record(self, lease: Lease) -> None:
+        if lease != self.lease or self.store.read(self.job.key) is None:
+            self.store.update(self.job.key, lease=lease)
+        self.lease = lease
 
     def provision(self) -> None:
-        """Bind the stub device, or build and bind the gadget; record ownership first."""
+        """Claim the device, record the lease, then bind it or build and bind the gadget."""
+        held = self._held()
         if self.job.spec.kind == "gadget":
-            self._provision_gadget()
-            return
-        assert isinstance(self.driver, HostDriver) and self.busid is not None
-        dev = self.driver.get(self.busid)
-        if dev.driver != self.driver.name:
-            self.owned.update(self.job.key, kind="stub", busid=self.busid,
-                              original_driver=dev.driver, bound_here=True)
-            self.driver.bind(self.busid)
-        elif not self.owned.read(self.job.key):
-            # Bound before we came: it stays bound when we stop.
-            self.owned.update(self.job.key, kind="stub", busid=self.busid,
-                              original_driver=self.driver.name, bound_here=False)
-
-    def _provision_gadget(self) -> None:
-        spec = self.job.spec.gadget
-        assert spec is not None
-        rec = self.owned.read(self.job.key)
-        udc = rec.get("udc") or self.job.spec.udc
-        try:
-            read_gadget(spec.name, self.sysfs)
-            existed = True
-        except UsbipError:
-            existed = False
-        if not existed:
-            self.owned.update(self.job.key, kind="gadget", gadget=spec.name, created=True)
-        applied = apply_spec(spec, self.sysfs, udc=udc or "auto")
-        if applied.udc is None:
-            raise UsbipError(f"gadget {spec.name} is not bound to a UDC")
-        self.owned.update(self.job.key, kind="gadget", gadget=spec.name, udc=applied.udc,
-                          created=rec.get("created", not existed))
-        self.busid = applied.udc
+            spec = self.job.spec.gadget
+            assert spec is not None
+            lease = self.vudc.claim_gadget(spec.name, held)
+            self._record(lease)
+            lease = self.vudc.provision(lease, spec, lease.busid or self.job.spec.udc)
+        else:
+            assert self.busid is not None
+            lease = self.driver.claim(self.busid, held)
+            self._record(lease)
+            self.driver.acquire(lease)
+        self._record(lease)
+        self.busid = lease.busid
 
     # -- the loop ------------------------------------------------------------
 
@@ -268,9 +216,9 @@ class Worker:
             self.log.info("adopting the live export of {}", self.busid)
         else:
             self.report(State.EXPORTING)
-            export_device(self.server.host, self.busid, self.driver, self.server.port,
-                          self.keepalive, timeout=self.opts.connect_timeout)
-            self.owned.update(self.job.key, remote=remote)
+            export_prepared(self.server.host, self.busid, self.driver, self.server.port,
+                            self.keepalive, timeout=self.opts.connect_timeout)
+            self.store.update(self.job.key, remote=remote)
         self.exported = True
         self.backoff.reset()
         self.report(State.EXPORTED, remote=remote)
@@ -285,7 +233,8 @@ class Worker:
         again; one we did not make is left alone.
         """
         assert self.busid is not None
-        made = self.owned.read(self.job.key).get("remote")
+        rec = self.store.read(self.job.key)
+        made = rec.remote if rec is not None else None
         if made == remote:
             return True
         if made is None:
@@ -330,75 +279,85 @@ class Worker:
         try:
             unexport_device(self.server.host, self.busid, self.driver, self.server.port,
                             force=local, keepalive=self.keepalive,
-                            timeout=self.opts.connect_timeout, release=local)
+                            timeout=self.opts.connect_timeout)
         except UsbipError as exc:
             self.log.info("unexport of {}: {}", self.busid, exc)
 
     def cleanup(self) -> None:
-        """Unexport, give a stub device back to its driver, remove a gadget we created."""
+        """Unexport what we exported, then release the lease: a device we bound goes
+        back to its driver, a gadget we created is removed, nothing else is touched."""
         self.report(State.STOPPING)
-        rec = self.owned.read(self.job.key)
+        rec = self.store.read(self.job.key)
+        lease = self._held()
         if self.busid is not None and self.present():
             with contextlib.suppress(UsbipError):
                 live = self.driver.status(self.busid) == ExportStatus.USED
-                if self.exported or (live and rec.get("remote")):  # only what we exported
-                    self._unexport(local=True)
-        if self.job.spec.kind in {"busid", "match"}:
-            assert isinstance(self.driver, HostDriver) and self.busid is not None
-            with contextlib.suppress(UsbipError):
-                if (rec.get("bound_here", True)
-                        and self.driver.get(self.busid).driver == self.driver.name):
-                    self.driver.unbind(self.busid)
-        elif rec.get("created") and self.job.spec.gadget is not None:
+                if self.exported or (live and rec is not None and rec.remote):
+                    self._unexport(local=True)  # only what we exported
+        if lease is not None:
             try:
-                remove_gadget(self.job.spec.gadget.name, self.sysfs)
+                self.driver.release(lease)
             except UsbipError as exc:
-                self.log.error("could not remove gadget {}: {}", self.job.spec.gadget.name, exc)
-        self.owned.remove(self.job.key)
+                self.log.error("could not give back {}: {}", lease.busid or lease.gadget, exc)
+        self.store.remove(self.job.key)
         self.log.info("worker {} stopped", os.getpid())
 
 
+def records(state_dir: str | Path, proc: Proc | None = None) -> OwnershipStore:
+    """The supervisor's ownership records in ``state_dir``."""
+    return OwnershipStore(Path(state_dir) / "owned", proc)
+
+
 def clean_leftovers(state_dir: str | Path, keep: set[str], sysfs: Sysfs | None = None,
-                    wait: Callable[[float], None] | None = None) -> list[str]:
+                    wait: Callable[[float], None] | None = None,
+                    proc: Proc | None = None) -> list[str]:
     """Undo what workers of a dead supervisor left, except exports in ``keep``
     (their new workers adopt them).  Returns the keys cleaned up.
 
     A predecessor's worker still alive (it got SIGTERM when its parent died and
-    may be cleaning up) is given time to finish, then killed.
+    may be cleaning up) is given time to finish, then killed -- only if it is
+    that worker (pid, start time and command line as recorded).  Raises
+    :class:`UsbipError` if the state directory is not root's alone.
     """
     import time
 
     sysfs = sysfs or Sysfs()
-    owned = Ownership(state_dir)
+    store = records(state_dir, proc)
+    store.check()
     sleep = wait or time.sleep
     cleaned = []
-    for found in owned.all():
-        key = found["key"]
-        rec = found
-        pid = rec.get("pid")
-        if isinstance(pid, int) and pid != os.getpid() and _starttime(pid) == rec.get("starttime"):
+    for found in store.all():
+        key = found.key
+        rec: Owned | None = found
+        if store.writer_alive(found):
             for _ in range(50):
-                if _starttime(pid) != rec.get("starttime"):
+                if not store.writer_alive(found):
                     break
                 sleep(0.1)
             else:
+                assert found.pid is not None
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            rec = owned.read(key)
-            if not rec:
-                continue  # it cleaned up after itself
+                    os.kill(found.pid, signal.SIGKILL)
+            rec = store.read(key)
+        if rec is None:
+            continue  # its worker cleaned up after itself
         if key in keep:
             continue
         logger.info("cleaning up after a previous supervisor: {}", key)
-        if rec.get("kind") == "stub" and isinstance(rec.get("busid"), str):
-            host = HostDriver(sysfs)
-            with contextlib.suppress(UsbipError):
-                if host.get(rec["busid"]).driver == host.name:
-                    host.unbind(rec["busid"])  # also ends a live export
-        elif rec.get("kind") == "gadget" and rec.get("created") and isinstance(rec.get("gadget"),
-                                                                                  str):
-            with contextlib.suppress(UsbipError):
-                remove_gadget(rec["gadget"], sysfs)
-        owned.remove(key)
+        if rec.lease is not None:
+            _release_leftover(sysfs, rec.lease, exported=rec.remote is not None)
+        store.remove(key)
         cleaned.append(key)
     return cleaned
+
+
+def _release_leftover(sysfs: Sysfs, lease: Lease, exported: bool) -> None:
+    """End an export a dead worker made, then release its lease."""
+    driver = driver_of_lease(sysfs, lease)
+    try:
+        if exported and lease.busid is not None and driver.present(lease.busid) \
+                and driver.status(lease.busid) == ExportStatus.USED:
+            driver.shutdown(lease.busid)
+        driver.release(lease)
+    except UsbipError as exc:
+        logger.error("could not give back {}: {}", lease.busid or lease.gadget, exc)

@@ -5,28 +5,39 @@ the exportable device.  Its record is built as libusbip does: the 18-byte
 ``dev_desc`` of the platform device (ENODEV while no gadget is bound), the
 speed from the UDC's ``current_speed``, bus and device numbers 0 (so vhci
 attaches it with devid 0) and no interface records.
+
+A vUDC lease owns a gadget, not a binding: :meth:`VudcDriver.release` removes
+the gadget only if the lease created it (the supervisor provisions gadgets
+with :meth:`VudcDriver.claim_gadget` and :meth:`VudcDriver.provision`).
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from usbipx.driver import ExportStatus, LocalDevice
+from loguru import logger
+
+from usbipx.driver import LocalDevice
 from usbipx.errors import (
-    DeviceBusy,
     DeviceNotFound,
     KernelError,
     ModuleNotLoaded,
     UsbipError,
     ValidationError,
 )
-from usbipx.names import VUDC_NAME, is_vudc_busid, validate_busid, vudc_index
+from usbipx.hostcommon import ExportingDriver
+from usbipx.lease import VUDC, Lease
+from usbipx.names import VUDC_NAME, is_vudc_busid, validate_busid, validate_gadget_name, vudc_index
 from usbipx.protocol import Speed, UsbDevice
-from usbipx.sysfs import Sysfs
+
+if TYPE_CHECKING:
+    from usbipx.gadget.spec import GadgetSpec
 
 PLATFORM = "/sys/devices/platform"
 UDC_CLASS = "/sys/class/udc"
-VUDC_DRIVER = "usbip-vudc"
+VUDC_DRIVER = VUDC
 _DEV_DESC = struct.Struct("<BBHBBBBHHHBBBB")
 USB_DT_DEVICE = 0x01
 
@@ -46,13 +57,10 @@ class NoGadget(DeviceNotFound):
     """The vUDC exists but no gadget is bound to it."""
 
 
-class VudcDriver:
+class VudcDriver(ExportingDriver):
     """The ``usbip-vudc`` driver over a :class:`Sysfs` root."""
 
     name = VUDC_DRIVER
-
-    def __init__(self, sysfs: Sysfs | None = None) -> None:
-        self.sysfs = sysfs or Sysfs()
 
     def check_loaded(self) -> None:
         if not self.instances() and not self.sysfs.is_dir("/sys/module/usbip_vudc"):
@@ -63,7 +71,7 @@ class VudcDriver:
         names = [n for n in self.sysfs.listdir(PLATFORM) if VUDC_NAME.fullmatch(n)]
         return sorted(names, key=vudc_index)
 
-    def _checked(self, busid: str) -> str:
+    def device_dir(self, busid: str) -> str:
         validate_busid(busid)
         if not is_vudc_busid(busid):
             raise ValidationError(
@@ -72,19 +80,25 @@ class VudcDriver:
         if not self.sysfs.is_dir(f"{PLATFORM}/{busid}"):
             self.check_loaded()
             raise DeviceNotFound(f"no vUDC named {busid}")
-        return busid
+        return f"{PLATFORM}/{busid}"
+
+    def not_ready(self, busid: str) -> UsbipError:
+        return DeviceNotFound(f"{busid} has no usbip_status")
+
+    def ready(self, busid: str) -> None:
+        self.read_device(busid)  # a clear error if no gadget is bound
 
     def gadget_of(self, busid: str) -> str | None:
         """Name of the gadget bound to the vUDC, or None."""
-        self._checked(busid)
+        self.device_dir(busid)
         name = self.sysfs.read_optional(f"{UDC_CLASS}/{busid}/function")
         return name or None
 
     def read_device(self, busid: str) -> LocalDevice:
         """The record of the gadget bound to ``busid``; :class:`NoGadget` if none is."""
-        self._checked(busid)
+        devdir = self.device_dir(busid)
         try:
-            raw = self.sysfs.read_bytes(f"{PLATFORM}/{busid}/dev_desc")
+            raw = self.sysfs.read_bytes(f"{devdir}/dev_desc")
         except KernelError as exc:
             raise NoGadget(f"no gadget is bound to {busid}") from exc
         if len(raw) < _DEV_DESC.size:
@@ -96,18 +110,12 @@ class VudcDriver:
         speed = _SPEEDS.get(self.sysfs.read_optional(f"{UDC_CLASS}/{busid}/current_speed"),
                             Speed.UNKNOWN)
         record = UsbDevice(
-            path=f"{PLATFORM}/{busid}", busid=busid, busnum=0, devnum=0, speed=speed,
+            path=devdir, busid=busid, busnum=0, devnum=0, speed=speed,
             id_vendor=vendor, id_product=product, bcd_device=bcd_device,
             device_class=dclass, device_subclass=dsub, device_protocol=dproto,
             configuration_value=0, num_configurations=nconf, num_interfaces=0,
         )
-        return LocalDevice(record, (), self.gadget_of(busid), self._status_or_none(busid))
-
-    def _status_or_none(self, busid: str) -> ExportStatus | None:
-        try:
-            return ExportStatus(self.sysfs.read_int(f"{PLATFORM}/{busid}/usbip_status"))
-        except (UsbipError, ValueError):
-            return None
+        return LocalDevice(record, (), self.gadget_of(busid), self.status_or_none(busid))
 
     def ready_devices(self) -> list[LocalDevice]:
         """vUDC instances with a gadget bound; instances without one are skipped."""
@@ -122,22 +130,52 @@ class VudcDriver:
     def get(self, busid: str) -> LocalDevice:
         return self.read_device(busid)
 
-    def status(self, busid: str) -> ExportStatus:
-        self._checked(busid)
-        st = self._status_or_none(busid)
-        if st is None:
-            raise DeviceNotFound(f"{busid} has no usbip_status")
-        return st
+    # -- ownership: the gadget, not a driver binding ---------------------------
 
-    def handoff(self, busid: str, sockfd: int) -> None:
-        """Give the connected socket to the vUDC (``usbip_sockfd``)."""
-        self.read_device(busid)  # a clear error if no gadget is bound
-        st = self.status(busid)
-        if st != ExportStatus.AVAILABLE:
-            raise DeviceBusy(f"{busid} is {st.name.lower()}, not available for export")
-        self.sysfs.write(f"{PLATFORM}/{busid}/usbip_sockfd", str(sockfd))
+    def claim(self, busid: str, held: Lease | None = None) -> Lease:
+        """A lease on the gadget bound to ``busid``: ours only if ``held`` created it."""
+        gadget = self.read_device(busid).driver
+        if held is not None and held.busid == busid and held.gadget == gadget:
+            return held
+        return Lease(VUDC, busid, gadget=gadget)
 
-    def shutdown(self, busid: str) -> None:
-        """Make the vUDC drop its connection."""
-        self._checked(busid)
-        self.sysfs.write(f"{PLATFORM}/{busid}/usbip_sockfd", "-1")
+    def acquire(self, lease: Lease) -> None:
+        """Nothing to bind: a gadget bound to the vUDC is the exportable device."""
+        if lease.busid is None:
+            raise NoGadget(f"gadget {lease.gadget} is not bound to a vUDC")
+        self.read_device(lease.busid)
+
+    def claim_gadget(self, name: str, held: Lease | None = None) -> Lease:
+        """A lease on gadget ``name`` before it is provisioned: ``created_here``
+        if it does not exist yet.  Changes nothing, so it can be recorded first."""
+        validate_gadget_name(name)
+        if held is not None and held.gadget == name:
+            return held
+        from usbipx.gadget.configfs import Configfs
+
+        return Lease(VUDC, None, gadget=name, created_here=not Configfs(self.sysfs).exists(name))
+
+    def provision(self, lease: Lease, spec: GadgetSpec, udc: str | None) -> Lease:
+        """Build or converge the leased gadget from ``spec`` and bind it to ``udc``
+        (a vUDC name, or a free one); the lease with the vUDC it got."""
+        from usbipx.gadget.configfs import apply_spec
+        from usbipx.gadget.spec import UDC_AUTO
+
+        if spec.name != lease.gadget:
+            raise ValidationError(f"lease is for gadget {lease.gadget}, not {spec.name}")
+        applied = apply_spec(spec, self.sysfs, udc=udc or UDC_AUTO)
+        if applied.udc is None or not is_vudc_busid(applied.udc):
+            raise UsbipError(f"gadget {spec.name} is not bound to a vUDC")
+        return replace(lease, busid=applied.udc)
+
+    def release(self, lease: Lease) -> None:
+        """Remove a gadget the lease created (which ends its export); nothing otherwise."""
+        if lease.driver != VUDC:
+            raise ValidationError(f"not a {VUDC_DRIVER} lease: {lease}")
+        if not lease.created_here or lease.gadget is None:
+            return
+        from usbipx.gadget.configfs import Configfs, remove_gadget
+
+        if Configfs(self.sysfs).exists(lease.gadget):
+            remove_gadget(lease.gadget, self.sysfs)
+            logger.info("removed gadget {}", lease.gadget)

@@ -7,6 +7,11 @@ Binding and unbinding follow the kernel tools exactly (as strace of Debian's
 ``match_busid`` and the bus id to ``usbip-host/rebind`` so the original driver
 probes the device again.  A failed bind puts the device back on the driver
 it had.
+
+Who binds is recorded in a :class:`~usbipx.lease.Lease`: :meth:`HostDriver.claim`
+says whether preparing a device means binding it (and which driver it had),
+:meth:`HostDriver.acquire` binds, and :meth:`HostDriver.release` -- the only
+code that unbinds -- gives back only a device its lease bound.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import re
 
 from loguru import logger
 
-from usbipx.driver import ExportStatus, LocalDevice
+from usbipx.driver import LocalDevice
 from usbipx.errors import (
     DeviceBusy,
     DeviceNotFound,
@@ -25,13 +30,14 @@ from usbipx.errors import (
     ValidationError,
     with_context,
 )
+from usbipx.hostcommon import ExportingDriver
+from usbipx.lease import STUB, Lease
 from usbipx.names import is_usb_busid, is_vudc_busid, validate_busid
 from usbipx.protocol import Speed, UsbDevice, UsbInterface
-from usbipx.sysfs import Sysfs
 
 USB_DEVICES = "/sys/bus/usb/devices"
 USB_DRIVERS = "/sys/bus/usb/drivers"
-STUB_DRIVER = "usbip-host"
+STUB_DRIVER = STUB
 STUB_DIR = f"{USB_DRIVERS}/{STUB_DRIVER}"
 USB_CLASS_HUB = 0x09
 
@@ -52,13 +58,10 @@ def speed_from_sysfs(text: str) -> Speed:
     return _SPEEDS.get(text.strip(), Speed.UNKNOWN)
 
 
-class HostDriver:
+class HostDriver(ExportingDriver):
     """The ``usbip-host`` (stub) driver over a :class:`Sysfs` root."""
 
     name = STUB_DRIVER
-
-    def __init__(self, sysfs: Sysfs | None = None) -> None:
-        self.sysfs = sysfs or Sysfs()
 
     # -- reading -----------------------------------------------------------
 
@@ -70,7 +73,7 @@ class HostDriver:
         base = f"{USB_DEVICES}/{busid}"
         return f"{base}/{attr}" if attr else base
 
-    def _checked(self, busid: str) -> str:
+    def device_dir(self, busid: str) -> str:
         validate_busid(busid)
         if is_vudc_busid(busid):
             raise ValidationError(
@@ -78,11 +81,18 @@ class HostDriver:
             )
         if not self.sysfs.is_dir(self._dev(busid)):
             raise DeviceNotFound(f"no USB device with bus id {busid}")
-        return busid
+        return self._dev(busid)
+
+    def not_ready(self, busid: str) -> UsbipError:
+        return DeviceNotFound(f"{busid} is not bound to {STUB_DRIVER}")
+
+    def driver_of(self, busid: str) -> str | None:
+        """The kernel driver bound to ``busid`` now, or None."""
+        return self.sysfs.readlink_name(self._dev(busid, "driver"))
 
     def read_device(self, busid: str) -> LocalDevice:
         """The device record, interfaces, bound driver and status of ``busid``."""
-        self._checked(busid)
+        self.device_dir(busid)
         s = self.sysfs
         d = self._dev
 
@@ -121,16 +131,17 @@ class HostDriver:
                 hex_attr(f"{idir}/bInterfaceSubClass"),
                 hex_attr(f"{idir}/bInterfaceProtocol"),
             ))
-        driver = s.readlink_name(d(busid, "driver"))
-        status = None
-        if driver == STUB_DRIVER:
-            status = self._status_or_none(busid)
+        driver = self.driver_of(busid)
+        status = self.status_or_none(busid) if driver == STUB_DRIVER else None
         return LocalDevice(record, tuple(interfaces), driver, status)
 
-    def _status_or_none(self, busid: str) -> ExportStatus | None:
+    def ids(self, busid: str) -> tuple[int, int] | None:
+        """idVendor and idProduct of ``busid``, or None if it has not enumerated."""
         try:
-            return ExportStatus(self.sysfs.read_int(self._dev(busid, "usbip_status")))
-        except (UsbipError, ValueError):
+            base = self.device_dir(busid)
+            return (self.sysfs.read_int(f"{base}/idVendor", 16),
+                    self.sysfs.read_int(f"{base}/idProduct", 16))
+        except UsbipError:
             return None
 
     def list_devices(self) -> list[LocalDevice]:
@@ -162,86 +173,115 @@ class HostDriver:
     def get(self, busid: str) -> LocalDevice:
         return self.read_device(busid)
 
-    def status(self, busid: str) -> ExportStatus:
-        self._checked(busid)
-        st = self._status_or_none(busid)
-        if st is None:
-            raise DeviceNotFound(f"{busid} is not bound to {STUB_DRIVER}")
-        return st
+    # -- ownership -----------------------------------------------------------
 
-    # -- binding -----------------------------------------------------------
+    def claim(self, busid: str, held: Lease | None = None) -> Lease:
+        """A lease on ``busid``: ``bound_here`` unless it is on usbip-host already.
 
-    def bind(self, busid: str) -> str | None:
-        """Hand ``busid`` to usbip-host; return the driver it had (to restore later).
-
-        On failure the device is put back on its original driver.
+        A ``held`` lease that bound the device stays the lease, whether or
+        not the device is still on usbip-host (someone may have unbound it:
+        :meth:`acquire` binds it again).  A device on usbip-host that no
+        lease of ours bound belongs to whoever bound it.
         """
-        self._checked(busid)
-        self.check_loaded()
         dev = self.read_device(busid)
+        if held is not None and held.busid == busid and held.bound_here:
+            return held
+        if dev.driver == STUB_DRIVER:
+            return Lease(STUB, busid)
         if dev.record.device_class == USB_CLASS_HUB:
             raise ValidationError(f"{busid} is a USB hub; hubs cannot be exported")
         if "/vhci_hcd." in dev.record.path:
             raise ValidationError(f"{busid} is imported through vhci_hcd; it cannot be exported")
-        if dev.driver == STUB_DRIVER:
-            raise DeviceBusy(f"{busid} is already bound to {STUB_DRIVER}")
-        original = dev.driver
+        return Lease(STUB, busid, bound_here=True, original_driver=dev.driver)
+
+    def acquire(self, lease: Lease) -> None:
+        """Bind the leased device to usbip-host if the lease says we do and it is not yet.
+
+        On failure the device is put back on the driver it had.
+        """
+        busid = self._leased(lease)
+        self.check_loaded()
+        current = self.driver_of(busid)
+        if current == STUB_DRIVER:
+            return
+        if not lease.bound_here:
+            raise DeviceBusy(f"{busid} is no longer bound to {STUB_DRIVER}")
         s = self.sysfs
         step = "unbind from its driver"
         try:
-            if original:
-                s.write(f"{USB_DRIVERS}/{original}/unbind", busid)
+            if current:
+                s.write(f"{USB_DRIVERS}/{current}/unbind", busid)
             step = "add to usbip-host/match_busid"
             s.write(f"{STUB_DIR}/match_busid", f"add {busid}")
             step = "bind to usbip-host"
             s.write(f"{STUB_DIR}/bind", busid)
-            if s.readlink_name(self._dev(busid, "driver")) != STUB_DRIVER:
+            if self.driver_of(busid) != STUB_DRIVER:
                 # The write can succeed while usbip-host's probe declines.
                 raise DeviceBusy(f"usbip-host did not take {busid}")
         except UsbipError as exc:
-            self._restore(busid, original)
+            self._restore(busid, current)
             raise with_context(exc, f"bind {busid}: cannot {step}") from exc
-        logger.info("bound {} to {} (was {})", busid, STUB_DRIVER, original or "no driver")
-        return original
+        logger.info("bound {} to {} (was {})", busid, STUB_DRIVER, current or "no driver")
+
+    def release(self, lease: Lease) -> None:
+        """Give a device this lease bound back to its driver; nothing otherwise.
+
+        The kernel re-probes the device (``rebind``), so its original driver
+        takes it back.  An unplugged device has nothing to give back.
+        """
+        busid = self._leased(lease)
+        if not lease.bound_here or not self.present(busid):
+            return
+        self.check_loaded()
+        current = self.driver_of(busid)
+        if current != STUB_DRIVER:
+            # A bind that stopped half way: forget the match, give it back.
+            self._restore(busid, lease.original_driver)
+            return
+        s = self.sysfs
+        s.write(f"{STUB_DIR}/unbind", busid)
+        s.write(f"{STUB_DIR}/match_busid", f"del {busid}")
+        s.write(f"{STUB_DIR}/rebind", busid)
+        now = self.driver_of(busid)
+        logger.info("unbound {} from {} (now {})", busid, STUB_DRIVER, now or "no driver")
+        if lease.original_driver and now != lease.original_driver:
+            logger.warning("{} went to {} rather than back to {}", busid, now or "no driver",
+                           lease.original_driver)
+
+    def _leased(self, lease: Lease) -> str:
+        if lease.driver != STUB or lease.busid is None:
+            raise ValidationError(f"not a {STUB_DRIVER} lease: {lease}")
+        return lease.busid
 
     def _restore(self, busid: str, original: str | None) -> None:
         """Best-effort undo of a partial bind: back to the original driver."""
         with contextlib.suppress(UsbipError):
             self.sysfs.write(f"{STUB_DIR}/match_busid", f"del {busid}")
-        if original and self.sysfs.readlink_name(self._dev(busid, "driver")) != original:
+        if original and self.driver_of(busid) != original:
             try:
                 self.sysfs.write(f"{USB_DRIVERS}/{original}/bind", busid)
             except UsbipError as exc:
                 logger.error("could not give {} back to {}: {}", busid, original, exc)
 
+    # -- the bind and unbind commands -----------------------------------------
+
+    def bind(self, busid: str) -> Lease:
+        """Hand ``busid`` to usbip-host (``usbipx bind``); the lease says what it had."""
+        lease = self.claim(busid)
+        if not lease.bound_here:
+            raise DeviceBusy(f"{busid} is already bound to {STUB_DRIVER}")
+        self.acquire(lease)
+        return lease
+
     def unbind(self, busid: str) -> str | None:
-        """Take ``busid`` from usbip-host and let the kernel re-probe its driver.
+        """Give ``busid`` back from usbip-host whoever bound it (``usbipx unbind``).
 
-        Returns the driver the device has afterwards.  Ends any export of it.
+        Ends any export of it.  Returns the driver the device has afterwards.
         """
-        self._checked(busid)
+        self.device_dir(busid)
         self.check_loaded()
-        driver = self.sysfs.readlink_name(self._dev(busid, "driver"))
-        if driver != STUB_DRIVER:
+        if self.driver_of(busid) != STUB_DRIVER:
             raise ValidationError(f"{busid} is not bound to {STUB_DRIVER}")
-        s = self.sysfs
-        s.write(f"{STUB_DIR}/unbind", busid)
-        s.write(f"{STUB_DIR}/match_busid", f"del {busid}")
-        s.write(f"{STUB_DIR}/rebind", busid)
-        now = s.readlink_name(self._dev(busid, "driver"))
-        logger.info("unbound {} from {} (now {})", busid, STUB_DRIVER, now or "no driver")
-        return now
-
-    # -- export ------------------------------------------------------------
-
-    def handoff(self, busid: str, sockfd: int) -> None:
-        """Give the connected socket to usbip-host (``usbip_sockfd``)."""
-        st = self.status(busid)
-        if st != ExportStatus.AVAILABLE:
-            raise DeviceBusy(f"{busid} is {st.name.lower()}, not available for export")
-        self.sysfs.write(self._dev(busid, "usbip_sockfd"), str(sockfd))
-
-    def shutdown(self, busid: str) -> None:
-        """Make usbip-host drop the connection of an exported device."""
-        self._checked(busid)
-        self.sysfs.write(self._dev(busid, "usbip_sockfd"), "-1")
+        # Asked by the user: release it as if we had bound it.
+        self.release(Lease(STUB, busid, bound_here=True))
+        return self.driver_of(busid)

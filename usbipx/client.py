@@ -17,8 +17,10 @@ from loguru import logger
 
 from usbipx.driver import DeviceDriver, ExportStatus, LocalDevice
 from usbipx.errors import DeviceBusy, DeviceNotFound, ProtocolError, RemoteError, UsbipError
+from usbipx.lease import Lease
 from usbipx.names import validate_busid
 from usbipx.net import DEFAULT_KEEPALIVE, USBIP_PORT, Keepalive, connect, request
+from usbipx.ownership import Owned, OwnershipStore
 from usbipx.protocol import (
     DevlistReply,
     DevlistRequest,
@@ -31,7 +33,7 @@ from usbipx.protocol import (
     UnexportRequest,
     UsbDevice,
 )
-from usbipx.stubmode.host import HostDriver
+from usbipx.sysfs import Sysfs
 from usbipx.vhci import VhciDriver
 
 
@@ -97,12 +99,16 @@ def detach_port(port: int, vhci: VhciDriver) -> None:
 
 @dataclass(frozen=True)
 class Exported:
-    """Result of an export: what was exported, and the driver the device had."""
+    """Result of an export: what was exported, and the lease preparing it took."""
 
     host: str
     busid: str
-    bound_here: bool
-    """True if ``connect`` bound the device to usbip-host itself."""
+    lease: Lease
+
+    @property
+    def bound_here(self) -> bool:
+        """True if the export bound the device to usbip-host itself."""
+        return self.lease.bound_here
 
 
 def _local_export_record(driver: DeviceDriver, busid: str) -> LocalDevice:
@@ -115,49 +121,67 @@ def _local_export_record(driver: DeviceDriver, busid: str) -> LocalDevice:
     return dev
 
 
-def export_device(host: str, busid: str, driver: DeviceDriver, port: int = USBIP_PORT,
-                  keepalive: Keepalive = DEFAULT_KEEPALIVE, timeout: float = 10.0) -> Exported:
-    """Export ``busid`` to the usbipa at ``host`` (OP_REQ_EXPORT) and hand it to the kernel.
+EXPORT_RECORDS = "/run/usbipx/exports"
+"""Where ``connect`` records the leases that ``disconnect`` releases."""
 
-    Stub mode binds the device to usbip-host first if needed; vUDC mode needs
-    a gadget bound to the vUDC.  Any failure puts a device this call bound
-    back on its original driver.
+
+def export_records(sysfs: Sysfs) -> OwnershipStore:
+    """The one-shot exports' ownership records (under the kernel root, for tests)."""
+    return OwnershipStore(sysfs.path(EXPORT_RECORDS))
+
+
+def export_device(host: str, busid: str, driver: DeviceDriver, port: int = USBIP_PORT,
+                  keepalive: Keepalive = DEFAULT_KEEPALIVE, timeout: float = 10.0,
+                  store: OwnershipStore | None = None) -> Exported:
+    """Prepare ``busid`` (stub mode: bind it to usbip-host if it is not) and export it.
+
+    With ``store``, a lease that takes something is recorded there (key: the
+    bus id) before anything changes, so that :func:`withdraw` gives back
+    exactly that.  Any failure releases what this call took: a device it
+    bound goes back to its original driver; one bound before stays bound.
     """
     validate_busid(busid)
     driver.check_loaded()
-    bound_here = False
-    if isinstance(driver, HostDriver) and driver.get(busid).driver != driver.name:
-        driver.bind(busid)
-        bound_here = True
+    lease = driver.claim(busid)
+    if store is not None and lease.owns_something:
+        store.write(Owned(busid, lease, f"{host}:{port}"))
     try:
-        dev = _local_export_record(driver, busid)
-        with _connection(host, port, keepalive, timeout) as sock:
-            rep = request(sock, ExportRequest(dev.record), timeout)
-            if rep.status != Status.ST_OK:
-                raise RemoteError(rep.status, f"export of {busid} to {host} refused")
-            # usbipa has attached the device; from here the connection is URB
-            # traffic, read by the kernel.
-            driver.handoff(busid, sock.fileno())
+        driver.acquire(lease)
+        export_prepared(host, busid, driver, port, keepalive, timeout)
     except BaseException:
-        if bound_here:
-            assert isinstance(driver, HostDriver)
-            with contextlib.suppress(UsbipError):
-                driver.unbind(busid)
+        with contextlib.suppress(UsbipError):
+            driver.release(lease)
+        if store is not None:
+            store.remove(busid)
         raise
+    return Exported(host, busid, lease)
+
+
+def export_prepared(host: str, busid: str, driver: DeviceDriver, port: int = USBIP_PORT,
+                    keepalive: Keepalive = DEFAULT_KEEPALIVE, timeout: float = 10.0) -> None:
+    """Export a device that is ready (bound, or a gadget on its vUDC) to the usbipa at
+    ``host`` (OP_REQ_EXPORT) and hand the connection to the kernel."""
+    dev = _local_export_record(driver, busid)
+    with _connection(host, port, keepalive, timeout) as sock:
+        rep = request(sock, ExportRequest(dev.record), timeout)
+        if rep.status != Status.ST_OK:
+            raise RemoteError(rep.status, f"export of {busid} to {host} refused")
+        # usbipa has attached the device; from here the connection is URB
+        # traffic, read by the kernel.
+        driver.handoff(busid, sock.fileno())
     logger.info("exported {} to {}:{}", busid, host, port)
-    return Exported(host, busid, bound_here)
 
 
 def unexport_device(host: str, busid: str, driver: DeviceDriver, port: int = USBIP_PORT,
                     force: bool = False, keepalive: Keepalive = DEFAULT_KEEPALIVE,
-                    timeout: float = 10.0, release: bool = True) -> None:
+                    timeout: float = 10.0) -> None:
     """Withdraw ``busid`` from the usbipa at ``host`` (OP_REQ_UNEXPORT).
 
-    With ``release`` (the default) a stub device then goes back to its
-    original driver.  With ``force`` the device is also withdrawn locally when
-    the usbipa cannot be reached or refuses (the app side then sees the
-    connection drop).  Without ``release`` the device may already be gone
-    (unplugged): usbipa is still told, so it frees its port at once.
+    The device stays with its driver: giving it back is releasing its lease.
+    With ``force`` the device is also withdrawn locally when the usbipa cannot
+    be reached or refuses (the app side then sees the connection drop).  A
+    device that is gone (unplugged) is still unexported, so usbipa frees its
+    port at once.
     """
     validate_busid(busid)
     driver.check_loaded()
@@ -165,12 +189,11 @@ def unexport_device(host: str, busid: str, driver: DeviceDriver, port: int = USB
         dev = driver.get(busid)
         record, status = dev.record, dev.status
     except DeviceNotFound:
-        if release:
-            raise
         # usbipa finds the attachment by (peer, bus id); the rest is not used.
         record, status = UsbDevice("", busid, 0, 0, Speed.UNKNOWN, 0, 0, 0), None
-    if release and status is None:
-        raise UsbipError(f"{busid} is not exported: not bound to {driver.name}")
+    else:
+        if status is None:
+            raise UsbipError(f"{busid} is not exported: not bound to {driver.name}")
     try:
         with _connection(host, port, keepalive, timeout) as sock:
             rep = request(sock, UnexportRequest(record), timeout)
@@ -183,6 +206,17 @@ def unexport_device(host: str, busid: str, driver: DeviceDriver, port: int = USB
         if status == ExportStatus.USED:
             with contextlib.suppress(UsbipError):
                 driver.shutdown(busid)
-    if release and isinstance(driver, HostDriver):
-        driver.unbind(busid)
     logger.info("unexported {} from {}", busid, host)
+
+
+def withdraw(host: str, busid: str, driver: DeviceDriver, store: OwnershipStore,
+             port: int = USBIP_PORT, force: bool = False) -> Lease | None:
+    """``disconnect``: unexport ``busid``, then release the lease ``connect`` recorded
+    (a device it bound goes back to its driver).  Returns that lease, if any."""
+    validate_busid(busid)
+    rec = store.read(busid)
+    unexport_device(host, busid, driver, port, force)
+    if rec is not None and rec.lease is not None:
+        driver.release(rec.lease)
+    store.remove(busid)
+    return rec.lease if rec is not None else None

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Protocol
 
+from usbipx.lease import Lease
 from usbipx.protocol import ExportableDevice, UsbDevice, UsbInterface
 from usbipx.sysfs import Sysfs
 
@@ -52,7 +53,14 @@ class LocalDevice:
 
 
 class DeviceDriver(Protocol):
-    """What usbipd, ``connect`` and the supervisor need from a device-side driver."""
+    """What usbipd, ``connect``, the supervisor and its clean-up need from a device-side driver.
+
+    Ownership goes through leases (:mod:`usbipx.lease`): :meth:`claim` says
+    what making a device ready would take, without changing anything, so
+    that the caller can record it first; :meth:`acquire` takes it;
+    :meth:`release` gives back exactly what the lease took, and is the only
+    code that unbinds, rebinds or removes.
+    """
 
     name: str
     """Kernel driver name: ``usbip-host`` or ``usbip-vudc``."""
@@ -65,6 +73,23 @@ class DeviceDriver(Protocol):
 
     def get(self, busid: str) -> LocalDevice:
         """One device by bus id; :class:`~usbipx.errors.DeviceNotFound` if there is none."""
+
+    def present(self, busid: str) -> bool:
+        """Whether the device is here at all (plugged in; the vUDC exists)."""
+
+    def claim(self, busid: str, held: Lease | None = None) -> Lease:
+        """The lease preparing ``busid`` for export takes; changes nothing.
+
+        ``held`` is a lease recorded earlier for the same device: if it still
+        owns the device, it is the lease (a restarted worker keeps what its
+        predecessor bound).
+        """
+
+    def acquire(self, lease: Lease) -> None:
+        """Make the leased device ready for export (bind it, if the lease says we do)."""
+
+    def release(self, lease: Lease) -> None:
+        """Give back what ``lease`` took; nothing if it took nothing."""
 
     def handoff(self, busid: str, sockfd: int) -> None:
         """Give the connected socket ``sockfd`` to the kernel for ``busid``."""
@@ -85,3 +110,10 @@ def device_driver(sysfs: Sysfs, vudc: bool) -> DeviceDriver:
     from usbipx.stubmode.host import HostDriver
 
     return HostDriver(sysfs)
+
+
+def driver_of_lease(sysfs: Sysfs, lease: Lease) -> DeviceDriver:
+    """The driver that can release ``lease``."""
+    from usbipx.lease import VUDC
+
+    return device_driver(sysfs, vudc=lease.driver == VUDC)

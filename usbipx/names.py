@@ -20,6 +20,10 @@ VUDC_NAME = re.compile(r"usbip-vudc\.[0-9]{1,4}")
 """A usbip-vudc platform device and UDC (``usbip-vudc.0``)."""
 
 
+GADGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+"""A configfs gadget (directory under ``usb_gadget/``), as gadget specs name it."""
+
+
 def is_usb_busid(name: str) -> bool:
     """Whether ``name`` names a USB device (not a root hub, not an interface)."""
     return USB_BUSID.fullmatch(name) is not None
@@ -50,3 +54,13 @@ def vudc_index(name: str) -> int:
     if not is_vudc_busid(name):
         raise ValidationError(f"{name!r} is not a vUDC name (usbip-vudc.N)")
     return int(name[len(VUDC_PREFIX):])
+
+
+def validate_gadget_name(name: str) -> str:
+    """Return ``name`` if it may name a gadget; it becomes a configfs directory name."""
+    if not GADGET_NAME.fullmatch(name):
+        raise ValidationError(
+            f"bad gadget name {name!r}: 1-64 letters, digits, '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name

@@ -25,8 +25,10 @@ from usbipx.client import (
     attach_remote,
     detach_port,
     export_device,
+    export_records,
     list_remote,
     unexport_device,
+    withdraw,
 )
 from usbipx.daemon.policy import Policy
 from usbipx.daemon.server import Outcome, Peer
@@ -43,6 +45,7 @@ from usbipx.errors import (
     ValidationError,
 )
 from usbipx.gadget.vudc import NoGadget, VudcDriver
+from usbipx.lease import Lease
 from usbipx.net import Keepalive
 from usbipx.stubmode.host import HostDriver
 from usbipx.vhci import STATE_DIR, VhciDriver
@@ -236,7 +239,8 @@ UNBIND_WRITES = [
 def test_export_binds_then_hands_off(kernel: FakeKernel, usbipa) -> None:
     srv, spy = usbipa
     res = export_device(HOST, "1-1", HostDriver(kernel.sysfs), srv.port)
-    assert res == Exported(HOST, "1-1", bound_here=True)
+    assert res == Exported(HOST, "1-1", Lease("usbip-host", "1-1", bound_here=True,
+                                               original_driver="usb"))
     (req, peer, server_fd), = spy.calls
     assert isinstance(req, p.ExportRequest) and req.device.busid == "1-1"
     client_fd = int(kernel.writes[-1][1])
@@ -321,7 +325,7 @@ def test_export_of_a_device_in_use_is_busy_before_connecting(kernel: FakeKernel,
 def test_export_vudc(kernel: FakeKernel, usbipa) -> None:
     srv, spy = usbipa
     res = export_device(HOST, V0, VudcDriver(kernel.sysfs), srv.port)
-    assert res == Exported(HOST, V0, bound_here=False)
+    assert res == Exported(HOST, V0, Lease("usbip-vudc", V0, gadget="v1"))
     server_fd = spy.fds[0]
     client_fd = int(kernel.writes[-1][1])
     # A vUDC's record has bus/dev 0: vhci attaches it with devid 0.
@@ -347,15 +351,58 @@ def test_export_vudc_with_stub_driver_is_refused(kernel: FakeKernel, usbipa) -> 
 
 
 @pytest.mark.scenario("host_unbound", "vhci_free")
-def test_unexport_detaches_and_gives_the_device_back(kernel: FakeKernel, usbipa) -> None:
+def test_unexport_detaches_and_leaves_the_driver_alone(kernel: FakeKernel, usbipa) -> None:
+    """Unexporting is not releasing: the device stays on usbip-host until its lease
+    is released."""
     srv, spy = usbipa
     export_device(HOST, "1-1", HostDriver(kernel.sysfs), srv.port)
     kernel.clear_log()
     unexport_device(HOST, "1-1", HostDriver(kernel.sysfs), srv.port)
     assert isinstance(spy.calls[-1][0], p.UnexportRequest)
-    assert kernel.writes == [(DETACH, "0"), *UNBIND_WRITES]
+    assert kernel.writes == [(DETACH, "0")]
     assert used_ports(kernel) == []
     assert records(kernel) == {}
+    assert kernel.driver_of("1-1") == "usbip-host"
+
+
+@pytest.mark.scenario("host_unbound", "vhci_free")
+def test_withdraw_gives_back_a_device_connect_bound(kernel: FakeKernel, usbipa) -> None:
+    srv, _ = usbipa
+    store = export_records(kernel.sysfs)
+    export_device(HOST, "1-1", HostDriver(kernel.sysfs), srv.port, store=store)
+    rec = store.read("1-1")
+    assert rec is not None and rec.lease == Lease("usbip-host", "1-1", bound_here=True,
+                                                  original_driver="usb")
+    kernel.clear_log()
+    lease = withdraw(HOST, "1-1", HostDriver(kernel.sysfs), store, srv.port)
+    assert lease is not None and lease.bound_here
+    assert kernel.writes == [(DETACH, "0"), *UNBIND_WRITES]
+    assert kernel.driver_of("1-1") == "usb"
+    assert store.read("1-1") is None
+
+
+@pytest.mark.scenario("host_bound", "vhci_free")
+def test_withdraw_leaves_a_device_the_user_bound_on_usbip_host(kernel: FakeKernel,
+                                                               usbipa) -> None:
+    """Bound with ``usbipx bind`` (or Debian's ``usbip bind``) before ``connect``:
+    ``disconnect`` unexports it and leaves it bound."""
+    srv, _ = usbipa
+    store = export_records(kernel.sysfs)
+    export_device(HOST, "1-1", HostDriver(kernel.sysfs), srv.port, store=store)
+    assert store.read("1-1") is None  # nothing taken, nothing recorded
+    kernel.clear_log()
+    assert withdraw(HOST, "1-1", HostDriver(kernel.sysfs), store, srv.port) is None
+    assert kernel.writes == [(DETACH, "0")]
+    assert kernel.driver_of("1-1") == "usbip-host"
+
+
+@pytest.mark.scenario("host_unbound")
+def test_a_failed_export_forgets_its_record(kernel: FakeKernel) -> None:
+    store = export_records(kernel.sysfs)
+    with pytest.raises(UsbipError, match="cannot connect"):
+        export_device(HOST, "1-1", HostDriver(kernel.sysfs), free_port(), store=store,
+                      timeout=2)
+    assert store.read("1-1") is None
     assert kernel.driver_of("1-1") == "usb"
 
 
@@ -387,8 +434,8 @@ def test_unexport_refused_keeps_the_export_unless_forced(kernel: FakeKernel, usb
     assert kernel.writes == []
     assert kernel.stub_status["1-1"] == 2
     unexport_device(HOST, "1-1", host, srv.port, force=True)
-    assert kernel.writes == [(SOCKFD_1_1, "-1"), *UNBIND_WRITES]
-    assert kernel.driver_of("1-1") == "usb"
+    assert kernel.writes == [(SOCKFD_1_1, "-1")]
+    assert kernel.stub_status["1-1"] == 1
 
 
 @pytest.mark.scenario("host_unbound", "vhci_free")
@@ -402,8 +449,8 @@ def test_force_unexport_when_usbipa_is_gone(kernel: FakeKernel) -> None:
         unexport_device(HOST, "1-1", host, port)
     assert kernel.writes == []
     unexport_device(HOST, "1-1", host, port, force=True)
-    assert kernel.writes == [(SOCKFD_1_1, "-1"), *UNBIND_WRITES]
-    assert kernel.driver_of("1-1") == "usb"
+    assert kernel.writes == [(SOCKFD_1_1, "-1")]
+    assert kernel.stub_status["1-1"] == 1
 
 
 @pytest.mark.scenario("host_unbound", "vhci_free")

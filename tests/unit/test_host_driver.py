@@ -122,7 +122,7 @@ def test_device_driver_picks_host_driver(kernel: FakeKernel) -> None:
 
 @pytest.mark.scenario("host_unbound")
 def test_bind_writes_what_the_c_tool_writes(kernel: FakeKernel, host: HostDriver) -> None:
-    assert host.bind("1-1") == "usb"
+    assert host.bind("1-1").original_driver == "usb"
     assert kernel.writes == [UNBIND_USB, ADD, BIND_STUB]
     assert [w.errno for w in kernel.log] == [None, None, None]
     assert kernel.driver_of("1-1") == "usbip-host"
@@ -272,7 +272,7 @@ def test_bind_with_full_match_busid_table(kernel: FakeKernel, host: HostDriver) 
 def test_bind_of_driverless_device_skips_the_unbind(kernel: FakeKernel, host: HostDriver) -> None:
     kernel.sysfs.write(f"{USB_DRIVERS}/usb/unbind", "2-1")
     kernel.clear_log()
-    assert host.bind("2-1") is None
+    assert host.bind("2-1").original_driver is None
     assert kernel.writes == [(f"{STUB_DIR}/match_busid", "add 2-1"), (f"{STUB_DIR}/bind", "2-1")]
     assert kernel.driver_of("2-1") == "usbip-host"
 
@@ -444,7 +444,7 @@ def test_kernel_in_a_real_directory(tmp_path: Path) -> None:
     """Without pyfakefs the same kernel runs on a real directory as root."""
     kernel = FakeKernel(None, "host_unbound", root=tmp_path / "root")
     host = HostDriver(kernel.sysfs)
-    assert host.bind("1-1") == "usb"
+    assert host.bind("1-1").original_driver == "usb"
     assert (tmp_path / "root" / "sys/bus/usb/drivers/usbip-host/match_busid").read_text() == "1-1 \n"
     assert host.get("1-1").record.path == DEV  # paths as the kernel sees them
     assert host.unbind("1-1") == "usb"

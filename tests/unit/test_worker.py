@@ -40,8 +40,11 @@ from usbipx.daemon.config import ExportSpec, Options, ServerSpec
 from usbipx.daemon.policy import Policy
 from usbipx.daemon.supervisor import Job
 from usbipx.daemon.usbipa import UsbipaHandler
-from usbipx.daemon.worker import Backoff, Ownership, clean_leftovers
+from usbipx.daemon.worker import Backoff, clean_leftovers, records
+from usbipx.errors import UsbipError
 from usbipx.gadget.configfs import apply_spec, gadget_on_udc, list_gadgets
+from usbipx.lease import Lease
+from usbipx.ownership import Owned
 from usbipx.stubmode.host import HostDriver
 from usbipx.sysfs import Sysfs
 from usbipx.vhci import VhciDriver
@@ -98,8 +101,9 @@ def test_stub_export_binds_exports_and_cleans_up(kernel: FakeKernel, ssys: Seria
         w.wait_for("exported")
         # The ownership record is on disk before the device is bound.
         assert len(at_bind) == 1 and at_bind[0] is not None
-        assert {k: at_bind[0][k] for k in ("key", "kind", "busid", "original_driver")} == {
-            "key": KEY, "kind": "stub", "busid": "1-1", "original_driver": "usb"}
+        assert at_bind[0]["key"] == KEY
+        assert Lease.from_json(at_bind[0]["lease"]) == Lease(
+            "usbip-host", "1-1", bound_here=True, original_driver="usb")
         assert w.states() == ["exporting", "exported"]
         exported = w.reports[-1]
         assert exported["remote"] == f"{HOST}:{srv.port}" and exported["busid"] == "1-1"
@@ -158,8 +162,10 @@ def test_a_live_export_is_adopted_not_exported_again(kernel: FakeKernel, ssys: S
     srv, spy = usbipa
     HostDriver(kernel.sysfs).handoff("1-1", 7)
     kernel.clear_log()
-    Ownership(STATE).update(KEY, kind="stub", busid="1-1", original_driver="usb",
-                            remote=f"127.0.0.1:{srv.port}")
+    # ... one that had bound the device itself.
+    records(STATE).update(KEY, lease=Lease("usbip-host", "1-1", bound_here=True,
+                                           original_driver="usb"),
+                          remote=f"127.0.0.1:{srv.port}")
     w = WorkerThread(stub_job(srv.port), ssys)
     with w:
         w.wait_for("exported")
@@ -287,7 +293,7 @@ def test_gadget_export_provisions_a_free_vudc_and_removes_it_on_stop(
     w = WorkerThread(gadget_job(srv.port), gsys)
     with w:
         w.wait_for("exported")
-        assert at_mkdir[0] is not None and at_mkdir[0]["created"] is True
+        assert at_mkdir[0] is not None and at_mkdir[0]["lease"]["created_here"] is True
         assert w.states() == ["exporting", "exported"]
         # usbip-vudc.0 is held by another gadget: the free usbip-vudc.1 is used
         assert w.reports[-1]["busid"] == V1
@@ -296,8 +302,8 @@ def test_gadget_export_provisions_a_free_vudc_and_removes_it_on_stop(
         assert req.device.busid == V1 and req.device.id_product == 0x0104
         assert kernel.vudc[V1].connected and used_ports(kernel) == [0]
         rec = read_record(STATE, "gadget:sup")
-        assert rec is not None and (rec["kind"], rec["udc"], rec["created"]) == (
-            "gadget", V1, True)
+        assert rec is not None and Lease.from_json(rec["lease"]) == Lease(
+            "usbip-vudc", V1, gadget="sup", created_here=True)
         w.stop()
     assert spy.kinds() == ["ExportRequest", "UnexportRequest"]
     assert used_ports(kernel) == []
@@ -316,7 +322,7 @@ def test_a_gadget_that_was_there_before_is_left_in_place(
     with w:
         w.wait_for("exported")
         rec = read_record(STATE, "gadget:sup")
-        assert rec is not None and rec["created"] is False
+        assert rec is not None and rec["lease"]["created_here"] is False
         w.stop()
     assert spy.kinds() == ["ExportRequest", "UnexportRequest"]
     assert list_gadgets(gsys) == ["sup"] and gadget_on_udc(V1, gsys) == "sup"
@@ -383,24 +389,38 @@ def test_backoff_keeps_working_after_many_failures() -> None:
 
 # ---------------------------------------------------------------- leftovers of a dead supervisor
 
-def write_record(state_dir: str, key: str, **values: Any) -> Path:
+def write_record(state_dir: str, rec: Owned) -> Path:
+    """A record as a predecessor's worker left it (its own pid, start time, cmdline)."""
     d = Path(state_dir) / "owned"
-    d.mkdir(parents=True, exist_ok=True)
-    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in key)
-    path = d / f"{name}.json"
-    path.write_text(json.dumps({"key": key, **values}))
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = records(state_dir).path(rec.key)
+    path.write_text(json.dumps(rec.to_json()))
     return path
 
 
-DEAD = {"pid": 999999, "starttime": "12345"}  # no such process
+DEAD = {"pid": 999999, "starttime": 12345, "cmdline": ("usbipx", "supervisor", "run")}
+STUB_LEASE = Lease("usbip-host", "1-1", bound_here=True, original_driver="usb")
 
 
 @pytest.mark.scenario("host_unbound")
 def test_leftover_stub_not_kept_is_unbound(kernel: FakeKernel) -> None:
     HostDriver(kernel.sysfs).bind("1-1")
-    rec = write_record(STATE, KEY, kind="stub", busid="1-1", original_driver="usb", **DEAD)
+    rec = write_record(STATE, Owned(KEY, STUB_LEASE, **DEAD))
     assert clean_leftovers(STATE, set(), kernel.sysfs) == [KEY]
     assert kernel.driver_of("1-1") == "usb"
+    assert not rec.exists()
+
+
+@pytest.mark.scenario("host_bound")
+def test_leftover_stub_bound_by_someone_else_stays_bound(kernel: FakeKernel) -> None:
+    """The predecessor exported a device it had not bound: its export ends, the
+    device stays on usbip-host."""
+    HostDriver(kernel.sysfs).handoff("1-1", 7)
+    kernel.clear_log()
+    rec = write_record(STATE, Owned(KEY, Lease("usbip-host", "1-1"), "10.0.0.1:3240", **DEAD))
+    assert clean_leftovers(STATE, set(), kernel.sysfs) == [KEY]
+    assert kernel.writes == [("/sys/bus/usb/devices/1-1/usbip_sockfd", "-1")]
+    assert kernel.driver_of("1-1") == "usbip-host"
     assert not rec.exists()
 
 
@@ -408,7 +428,7 @@ def test_leftover_stub_not_kept_is_unbound(kernel: FakeKernel) -> None:
 def test_leftover_stub_kept_is_untouched(kernel: FakeKernel) -> None:
     HostDriver(kernel.sysfs).bind("1-1")
     kernel.clear_log()
-    rec = write_record(STATE, KEY, kind="stub", busid="1-1", original_driver="usb", **DEAD)
+    rec = write_record(STATE, Owned(KEY, STUB_LEASE, **DEAD))
     assert clean_leftovers(STATE, {KEY}, kernel.sysfs) == []
     assert kernel.driver_of("1-1") == "usbip-host" and kernel.writes == []
     assert rec.exists()
@@ -417,7 +437,7 @@ def test_leftover_stub_kept_is_untouched(kernel: FakeKernel) -> None:
 @pytest.mark.scenario("host_unbound")
 def test_leftover_of_an_unplugged_stub_is_forgotten(kernel: FakeKernel) -> None:
     unplug(kernel, "1-1")
-    rec = write_record(STATE, KEY, kind="stub", busid="1-1", **DEAD)
+    rec = write_record(STATE, Owned(KEY, STUB_LEASE, **DEAD))
     assert clean_leftovers(STATE, set(), kernel.sysfs) == [KEY]
     assert not rec.exists()
 
@@ -427,16 +447,54 @@ def test_leftover_gadget_we_created_is_removed(kernel: FakeKernel, gsys: GadgetK
                                               ) -> None:
     apply_spec(gadget_spec("sup"), gsys, udc=V1)
     apply_spec(gadget_spec("theirs", 0x0105), gsys)
-    write_record(STATE, "gadget:sup", kind="gadget", gadget="sup", udc=V1, created=True, **DEAD)
-    write_record(STATE, "gadget:theirs", kind="gadget", gadget="theirs", created=False, **DEAD)
+    write_record(STATE, Owned("gadget:sup", Lease("usbip-vudc", V1, gadget="sup",
+                                                  created_here=True), **DEAD))
+    write_record(STATE, Owned("gadget:theirs", Lease("usbip-vudc", None, gadget="theirs"),
+                              **DEAD))
     assert clean_leftovers(STATE, set(), gsys) == ["gadget:sup", "gadget:theirs"]
     assert list_gadgets(gsys) == ["theirs"]  # not ours to remove
     assert not kernel.vudc[V1].gadget
-    assert Ownership(STATE).all() == []
+    assert records(STATE).all() == []
 
 
-def _starttime(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+@pytest.mark.scenario("host_unbound")
+def test_a_state_dir_others_may_write_is_refused(kernel: FakeKernel) -> None:
+    """Records decide what gets unbound and killed: only root's own 0700 directory counts."""
+    HostDriver(kernel.sysfs).bind("1-1")
+    rec = write_record(STATE, Owned(KEY, STUB_LEASE, **DEAD))
+    os.chmod(rec.parent, 0o777)
+    with pytest.raises(UsbipError, match="mode 0700"):
+        clean_leftovers(STATE, set(), kernel.sysfs)
+    assert kernel.driver_of("1-1") == "usbip-host" and rec.exists()
+
+
+@pytest.mark.scenario("host_unbound")
+def test_a_record_through_a_symlink_or_with_bad_fields_is_ignored(kernel: FakeKernel) -> None:
+    HostDriver(kernel.sysfs).bind("1-1")
+    d = Path(STATE) / "owned"
+    d.mkdir(parents=True, mode=0o700)
+    elsewhere = Path("/elsewhere.json")
+    elsewhere.write_text(json.dumps(Owned(KEY, STUB_LEASE, **DEAD).to_json()))
+    (d / "busid_1-1.json").symlink_to(elsewhere)
+    bad = Owned("gadget:x", Lease("usbip-vudc", None, gadget="x", created_here=True), **DEAD)
+    raw = bad.to_json()
+    raw["lease"]["gadget"] = "../../etc"
+    (d / "gadget_x.json").write_text(json.dumps(raw))
+    assert clean_leftovers(STATE, set(), kernel.sysfs) == []
+    assert kernel.driver_of("1-1") == "usbip-host"
+
+
+def _starttime(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+def _cmdline(pid: int) -> tuple[str, ...]:
+    raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    return tuple(a.decode() for a in raw.split(b"\0") if a)
+
+
+def live(pid: int) -> dict[str, Any]:
+    return {"pid": pid, "starttime": _starttime(pid), "cmdline": _cmdline(pid)}
 
 
 class TestLiveWorkers:
@@ -454,8 +512,7 @@ class TestLiveWorkers:
         state = str(tmp_path / "state")
         proc = subprocess.Popen(["sleep", "0.3"])
         try:
-            rec = write_record(state, KEY, kind="stub", busid="1-1", pid=proc.pid,
-                               starttime=_starttime(proc.pid))
+            rec = write_record(state, Owned(KEY, STUB_LEASE, **live(proc.pid)))
             t0 = time.monotonic()
             # The predecessor's workers are reaped by init; here by us, while we wait.
             cleaned = clean_leftovers(state, set(), Sysfs(tmp_path / "root"),
@@ -474,8 +531,7 @@ class TestLiveWorkers:
         proc = subprocess.Popen([sys.executable, "-c",
                                  f"import os, time; time.sleep(0.3); os.unlink({str(path)!r})"])
         try:
-            write_record(state, KEY, kind="stub", busid="1-1", pid=proc.pid,
-                         starttime=_starttime(proc.pid))
+            write_record(state, Owned(KEY, STUB_LEASE, **live(proc.pid)))
             cleaned = clean_leftovers(state, set(), Sysfs(tmp_path / "root"),
                                       wait=lambda t: (proc.poll(), time.sleep(t)))
         finally:
@@ -487,8 +543,7 @@ class TestLiveWorkers:
         state = str(tmp_path / "state")
         proc = subprocess.Popen(["sleep", "30"])
         try:
-            write_record(state, KEY, kind="stub", busid="1-1", pid=proc.pid,
-                         starttime=_starttime(proc.pid))
+            write_record(state, Owned(KEY, STUB_LEASE, **live(proc.pid)))
             waits: list[float] = []
             cleaned = clean_leftovers(state, set(), Sysfs(tmp_path / "root"), wait=waits.append)
             assert proc.wait(5) == -9
@@ -500,10 +555,29 @@ class TestLiveWorkers:
 
     def test_a_reused_pid_is_not_waited_for(self, tmp_path: Path) -> None:
         state = str(tmp_path / "state")
-        write_record(state, KEY, kind="stub", busid="1-1", pid=os.getppid(), starttime="1")
+        ppid = os.getppid()
+        write_record(state, Owned(KEY, STUB_LEASE, pid=ppid, starttime=1,
+                                  cmdline=_cmdline(ppid)))
         waits: list[float] = []
         assert clean_leftovers(state, set(), Sysfs(tmp_path / "root"), wait=waits.append) == [KEY]
         assert waits == []
+
+    def test_a_process_that_is_not_our_worker_is_never_killed(self, tmp_path: Path) -> None:
+        """Right pid and start time, but another program: a forged or stale record
+        must not make the supervisor kill it."""
+        state = str(tmp_path / "state")
+        proc = subprocess.Popen(["sleep", "30"])
+        try:
+            write_record(state, Owned(KEY, STUB_LEASE, pid=proc.pid,
+                                      starttime=_starttime(proc.pid),
+                                      cmdline=("usbipx", "supervisor", "run")))
+            waits: list[float] = []
+            assert clean_leftovers(state, set(), Sysfs(tmp_path / "root"),
+                                   wait=waits.append) == [KEY]
+            assert waits == [] and proc.poll() is None
+        finally:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.scenario("host_unbound", "vhci_free")
@@ -530,8 +604,7 @@ def test_an_export_to_an_earlier_server_is_moved(kernel: FakeKernel, ssys: Seria
     srv, spy = usbipa
     HostDriver(kernel.sysfs).bind("1-1")
     HostDriver(kernel.sysfs).handoff("1-1", 7)
-    Ownership(STATE).update(KEY, kind="stub", busid="1-1", original_driver="usb",
-                            remote="10.9.9.9:3240", bound_here=True)
+    records(STATE).update(KEY, lease=STUB_LEASE, remote="10.9.9.9:3240")
     kernel.clear_log()
     w = WorkerThread(stub_job(srv.port), ssys)
     with w:
@@ -540,3 +613,21 @@ def test_an_export_to_an_earlier_server_is_moved(kernel: FakeKernel, ssys: Seria
         assert spy.kinds() == ["ExportRequest"]
         assert w.reports[-1]["remote"] == f"127.0.0.1:{srv.port}"
         w.stop()
+
+
+@pytest.mark.scenario("host_bound", "vhci_free")
+def test_a_device_bound_before_the_supervisor_stays_bound(kernel: FakeKernel, ssys: SerialSysfs,
+                                                          usbipa) -> None:
+    """Bound to usbip-host by someone else (Debian's ``usbip bind``) before the worker
+    came: exported, unexported on stop, and left on usbip-host."""
+    srv, spy = usbipa
+    w = WorkerThread(stub_job(srv.port), ssys)
+    with w:
+        w.wait_for("exported")
+        assert kernel.stub_status["1-1"] == 2
+        w.stop()
+    assert spy.kinds() == ["ExportRequest", "UnexportRequest"]
+    assert used_ports(kernel) == []
+    assert kernel.driver_of("1-1") == "usbip-host"
+    assert (f"{STUB_DIR}/unbind", "1-1") not in kernel.writes
+    assert read_record(STATE, KEY) is None
