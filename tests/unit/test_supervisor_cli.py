@@ -337,6 +337,29 @@ def test_run_with_the_control_socket_under_a_regular_file(sock_dir: str, tmp_pat
     assert not (tmp_path / "state").exists()
 
 
+def test_a_second_supervisor_is_refused_before_it_cleans_up(control: ControlServer,
+                                                            tmp_path: Path) -> None:
+    """Refused on the live control socket before it touches the state directory: it
+    must not undo what the running supervisor's workers own."""
+    owned = tmp_path / "state" / "owned"
+    owned.mkdir(parents=True)
+    record = owned / "busid_9-9.json"
+    record.write_text(json.dumps({"key": "busid:9-9", "kind": "stub", "busid": "9-9"}))
+    cfg = tmp_path / "sup.toml"
+    cfg.write_text('[server]\nhost = "127.0.0.1"\n[[export]]\nbusid = "1-1"\n'
+                   f'[supervisor]\ncontrol_socket = "{control.path}"\n'
+                   f'state_dir = "{tmp_path}/state"\n')
+    (tmp_path / "root").mkdir()
+    res = subprocess.run([str(Path(sys.executable).parent / "usbipx"), "supervisor", "run",
+                          "-c", str(cfg)], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, USBIPX_ROOT=str(tmp_path / "root")))
+    assert res.returncode == 1, res.stderr
+    assert res.stderr == (f"usbipx: error: another supervisor is running (it answers on "
+                          f"{control.path})\n")
+    assert record.exists(), "the running supervisor's record was cleaned up"
+    assert query_status(control.path)["summary"] == control.sup.summary()
+
+
 def test_run_needs_a_config() -> None:
     res = run("supervisor", "run")
     assert res.exit_code == 2 and "--config" in res.stderr
