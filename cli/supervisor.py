@@ -48,7 +48,7 @@ def status_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Each export: worker pid, state, remote, uptime, restarts and last error."""
-    from usbipx.daemon.runner import query_status
+    from usbipx.daemon.control import query_status
 
     body = query_status(socket_path)
     if json_out or state(ctx).json:

@@ -27,11 +27,27 @@
     poll_interval = 0.5            # how often a worker looks at its export
     restart_limit = 5              # crashed workers restarted at most this often ...
     restart_window = 60.0          # ... within this many seconds, then paused for it
+
+Every number is bounded when the file is loaded (a value out of range is a
+:class:`ConfigError` naming the key), so nothing downstream -- ``select()``,
+``socket.settimeout()``, the backoff arithmetic -- ever sees one it cannot take:
+
+=================  ======  =========  =============================================
+key                lowest  highest    why the maximum
+=================  ======  =========  =============================================
+server.port        1       65535      a TCP port
+vendor, product    0       0xffff     16-bit USB ids
+backoff_initial    0.01    3600       an hour before the first retry is already odd
+backoff_max        0.01    86400      retry at least daily
+connect_timeout    0.1     600        ten minutes for a TCP handshake
+poll_interval      0.05    60         a dropped export is noticed within a minute
+restart_limit      1       10000      a count, not a disguised "never"
+restart_window     1       86400      a day of crash history
+=================  ======  =========  =============================================
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,9 +56,20 @@ from usbipx.errors import ConfigError, UsbipError
 from usbipx.gadget.spec import GadgetSpec, load_spec
 from usbipx.names import is_vudc_busid, validate_busid
 from usbipx.net import DEFAULT_KEEPALIVE, USBIP_PORT, Keepalive
-from usbipx.tomlfile import read_toml
+from usbipx.tomlfile import read_toml, toml_int, toml_number
 
 ExportKind = Literal["busid", "match", "gadget"]
+
+SECONDS: dict[str, tuple[float, float]] = {
+    "backoff_initial": (0.01, 3600.0),
+    "backoff_max": (0.01, 86400.0),
+    "connect_timeout": (0.1, 600.0),
+    "poll_interval": (0.05, 60.0),
+    "restart_window": (1.0, 86400.0),
+}
+"""The ``[supervisor]`` durations: key -> (lowest, highest) in seconds."""
+
+RESTART_LIMIT_MAX = 10000
 
 
 @dataclass(frozen=True)
@@ -107,20 +134,6 @@ class SupervisorConfig:
     source: str = "<config>"
 
 
-def _int(v: Any, where: str, bits: int) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < (1 << bits):
-        raise ConfigError(f"{where} must be an integer 0..{(1 << bits) - 1}, got {v!r}")
-    return v
-
-
-def _num(v: Any, where: str, low: float) -> float:
-    # TOML has nan and inf: neither is a usable delay or timeout.
-    if (not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v)
-            or v < low):
-        raise ConfigError(f"{where} must be a number >= {low}, got {v!r}")
-    return float(v)
-
-
 def _unknown(table: dict[str, Any], allowed: set[str], where: str) -> None:
     extra = set(table) - allowed
     if extra:
@@ -134,9 +147,7 @@ def _server(data: Any, src: str) -> ServerSpec:
     host = data.get("host")
     if not isinstance(host, str) or not host or any(c.isspace() for c in host):
         raise ConfigError(f"{src}: server.host must be a host name or address")
-    port = data.get("port", USBIP_PORT)
-    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-        raise ConfigError(f"{src}: server.port must be 1..65535, got {port!r}")
+    port = toml_int(data.get("port", USBIP_PORT), f"{src}: server.port", 1, 65535)
     ka = DEFAULT_KEEPALIVE
     if "keepalive" in data:
         if not isinstance(data["keepalive"], str):
@@ -172,8 +183,9 @@ def _export(data: Any, n: int, base: Path, src: str) -> ExportSpec:
             raise ConfigError(f"{where}: {busid} is a vUDC; export a gadget spec instead")
         return ExportSpec("busid", busid=busid)
     if "vendor" in data:
-        vendor = _int(data["vendor"], f"{where}: vendor", 16)
-        product = _int(data["product"], f"{where}: product", 16) if "product" in data else None
+        vendor = toml_int(data["vendor"], f"{where}: vendor", 0, 0xFFFF)
+        product = (toml_int(data["product"], f"{where}: product", 0, 0xFFFF)
+                   if "product" in data else None)
         return ExportSpec("match", vendor=vendor, product=product)
     raw = data["gadget"]
     if not isinstance(raw, str) or not raw:
@@ -216,15 +228,12 @@ def _options(data: Any, src: str) -> Options:
                 raise ConfigError(f"{src}: supervisor.control_socket is longer than the "
                                   "107 bytes a unix socket path may have")
             vals[key] = v
-    for key, low in (("backoff_initial", 0.01), ("backoff_max", 0.01), ("connect_timeout", 0.1),
-                     ("poll_interval", 0.05), ("restart_window", 1.0)):
+    for key, (low, high) in SECONDS.items():
         if key in data:
-            vals[key] = _num(data[key], f"{src}: supervisor.{key}", low)
+            vals[key] = toml_number(data[key], f"{src}: supervisor.{key}", low, high)
     if "restart_limit" in data:
-        v = data["restart_limit"]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ConfigError(f"{src}: supervisor.restart_limit must be a positive integer")
-        vals["restart_limit"] = v
+        vals["restart_limit"] = toml_int(data["restart_limit"], f"{src}: supervisor.restart_limit",
+                                         1, RESTART_LIMIT_MAX)
     opts = Options(**{**d.__dict__, **vals})
     if opts.backoff_max < opts.backoff_initial:
         raise ConfigError(f"{src}: supervisor.backoff_max is below backoff_initial")

@@ -8,12 +8,16 @@ States of an export (what ``supervisor status`` shows)::
     crashed too often -> failed (restarts paused for restart_window)
 
 ``starting`` and ``stopping``/``stopped``/``failed`` are the parent's own;
-the others are reported by the worker.  Everything that touches the OS --
-forking, signalling, the clock -- is behind :class:`Spawner` and ``clock``,
-so the logic here is tested without processes.  The asyncio shell in
-:mod:`usbipx.daemon.runner` feeds events in: :meth:`Supervisor.on_report`,
-:meth:`on_exit`, :meth:`on_device`, :meth:`reload`, :meth:`shutdown`,
-:meth:`tick`.
+the others are reported by the worker.  Every change of state goes through
+the one checked table of :mod:`usbipx.daemon.states`: a move this class
+should never make raises :class:`~usbipx.daemon.states.IllegalTransition`; a
+worker's report the table refuses is ignored with a warning.
+
+Everything that touches the OS -- forking, signalling, the clock -- is
+behind :class:`Spawner` and ``clock``, so the logic here is tested without
+processes.  The asyncio shell in :mod:`usbipx.daemon.runner` feeds events in:
+:meth:`Supervisor.on_report`, :meth:`on_exit`, :meth:`on_device`,
+:meth:`reload`, :meth:`shutdown`, :meth:`tick`.
 """
 
 from __future__ import annotations
@@ -22,29 +26,14 @@ import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any, Protocol
 
 from loguru import logger
 
 from usbipx.daemon.config import ExportSpec, Options, ServerSpec, SupervisorConfig
+from usbipx.daemon.states import WORKER_REPORTS, Event, State, allowed, transition
 
-
-class State(StrEnum):
-    """Where an export stands."""
-
-    STARTING = "starting"
-    EXPORTING = "exporting"
-    EXPORTED = "exported"
-    BACKOFF = "backoff"
-    WAITING = "waiting"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-    FAILED = "failed"
-
-
-REPORTABLE = {State.EXPORTING, State.EXPORTED, State.BACKOFF, State.WAITING, State.STOPPING}
-"""States a worker may report about itself."""
+__all__ = ["STOP_GRACE", "Device", "Job", "Slot", "Spawner", "State", "Supervisor", "jobs_for"]
 
 STOP_GRACE = 20.0
 """Seconds a worker gets to unexport and clean up before SIGKILL."""
@@ -90,7 +79,7 @@ class Slot:
     """The parent's record of one export and its current worker."""
 
     job: Job
-    state: State = State.STARTING
+    state: State = State.STOPPED  # until its first worker starts
     pid: int | None = None
     since: float = 0.0
     started: float | None = None
@@ -150,7 +139,13 @@ class Supervisor:
         self.slots[job.key] = slot
         self._spawn(slot)
 
-    def _set(self, slot: Slot, state: State, error: str | None = None) -> None:
+    def _apply(self, slot: Slot, event: Event, error: str | None = None) -> None:
+        """Move ``slot`` on ``event``; the only place a slot's state changes.
+
+        Raises :class:`~usbipx.daemon.states.IllegalTransition` (a bug) if the
+        table does not allow it, before anything is changed.
+        """
+        state = transition(slot.state, event)
         if state != slot.state:
             logger.info("{}: {} -> {}{}", slot.job.key, slot.state, state,
                         f" ({error})" if error else "")
@@ -160,6 +155,7 @@ class Supervisor:
             slot.last_error = error
 
     def _spawn(self, slot: Slot) -> None:
+        self._apply(slot, Event.START)  # checked before a process exists
         slot.restart_at = None
         slot.kill_at = None
         slot.steady = False
@@ -170,7 +166,6 @@ class Supervisor:
             self._crashed(slot, f"cannot start a worker: {exc}")
             return
         slot.started = self.clock()
-        self._set(slot, State.STARTING)
 
     def _stop(self, slot: Slot, remove: bool) -> None:
         slot.removing = slot.removing or remove
@@ -179,14 +174,14 @@ class Supervisor:
             self._stopped(slot)
             return
         if slot.state != State.STOPPING:
+            self._apply(slot, Event.STOP)
             self.spawner.signal(slot.pid, signal.SIGTERM)
             slot.kill_at = self.clock() + STOP_GRACE
-            self._set(slot, State.STOPPING)
 
     def _stopped(self, slot: Slot) -> None:
+        self._apply(slot, Event.ENDED)
         slot.pid = None
         slot.kill_at = None
-        self._set(slot, State.STOPPED)
         if slot.replacement is not None:
             job, slot.replacement = slot.replacement, None
             del self.slots[slot.job.key]
@@ -257,25 +252,31 @@ class Supervisor:
 
     def on_report(self, key: str, pid: int, state: str, remote: str | None = None,
                   error: str | None = None, busid: str | None = None) -> None:
-        """A worker says where its export stands (and, for a gadget, which vUDC it got)."""
+        """A worker says where its export stands (and, for a gadget, which vUDC it got).
+
+        A report that does not fit -- from a worker that is not the export's
+        current one, of a state a worker may not report, or one the state table
+        refuses -- is ignored with a warning: a worker cannot break the parent.
+        """
         slot = self.slots.get(key)
         if slot is None or slot.pid != pid:
-            return  # a late message from a worker we have already replaced
-        try:
-            st = State(state)
-        except ValueError:
-            logger.warning("{}: worker {} reported unknown state {!r}", key, pid, state)
+            logger.warning("{}: ignoring a report from worker {}, not the export's worker",
+                           key, pid)
             return
-        if st not in REPORTABLE:
+        event = WORKER_REPORTS.get(state)
+        if event is None or not allowed(slot.state, event):
+            logger.warning("{}: ignoring worker {}'s report {!r} in state {}", key, pid, state,
+                           slot.state)
             return
         if busid:
             slot.busid = busid
-        if slot.state == State.STOPPING and st != State.STOPPING:
-            return  # we asked it to stop; it is on its way
-        if st == State.STOPPING:
-            # Not asked by us (SIGTERM from elsewhere): when it exits it is
-            # restarted like any worker that died, so keep the state we know.
+        if event is Event.STOPPING or transition(slot.state, event) is not State(event.value):
+            # It says it is stopping, not asked by us (SIGTERM from elsewhere):
+            # when it exits it is restarted like any worker that died, so keep
+            # the state we know.  Or we asked it to stop: it is on its way,
+            # whatever it says.
             return
+        st = State(event.value)
         if st in STEADY:
             slot.steady = True
             slot.crashes.clear()
@@ -283,7 +284,7 @@ class Supervisor:
             slot.remote = remote
         elif st in (State.BACKOFF, State.WAITING):
             slot.remote = None
-        self._set(slot, st, error)
+        self._apply(slot, event, error)
 
     def on_exit(self, key: str, pid: int, code: int) -> None:
         """A worker process ended with ``code`` (negative: killed by that signal)."""
@@ -307,7 +308,7 @@ class Supervisor:
         if slot.steady:
             # Killed after coming up: the kernel keeps the export, and a new
             # worker adopts it; restart at once.
-            self._set(slot, State.BACKOFF)
+            self._apply(slot, Event.DIED)
             slot.restart_at = now
             return
         self._crashed(slot, None)
@@ -320,7 +321,7 @@ class Supervisor:
         if len(slot.crashes) > self.config.options.restart_limit:
             logger.error("{}: worker crashed {} times in {:.0f} s; pausing restarts",
                          slot.job.key, len(slot.crashes), window)
-            self._set(slot, State.FAILED, error)
+            self._apply(slot, Event.FLAPPING, error)
             slot.restart_at = now + window
             slot.crashes.clear()
             return
@@ -328,7 +329,7 @@ class Supervisor:
         opts = self.config.options
         delay = 0.0 if len(slot.crashes) == 1 else min(
             opts.backoff_initial * 2 ** (len(slot.crashes) - 2), opts.backoff_max)
-        self._set(slot, State.BACKOFF, error)
+        self._apply(slot, Event.DIED, error)
         slot.restart_at = now + delay
 
     def on_device(self, action: str, device: Device) -> None:

@@ -215,7 +215,7 @@ def export(host_busid: str) -> None:
 def status(sock: str) -> dict[str, dict[str, object]]:
     """The supervisor's status, asked in-process: polling through the CLI would
     add an interpreter start (seconds on the emulated CPU) to every figure."""
-    from usbipx.daemon.runner import query_status
+    from usbipx.daemon.control import query_status
 
     return {e["export"]: e for e in query_status(sock)["exports"]}
 

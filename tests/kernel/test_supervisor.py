@@ -32,7 +32,7 @@ from labkit import (
     wait_for,
 )
 
-from usbipx.daemon.runner import query_status
+from usbipx.daemon.control import query_status
 
 GADGETS = Path("/sys/kernel/config/usb_gadget")
 VUDC_SPEC = """name = "{name}"

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
+import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,13 +24,13 @@ from typer.testing import CliRunner, Result
 
 import usbipx.daemon.runner as runner
 from usbipx.cli.main import app
-from usbipx.daemon.runner import _control_server, query_status
+from usbipx.daemon.control import control_server, query_status
 from usbipx.daemon.supervisor import Supervisor
 from usbipx.errors import UsbipError
 
 
 class ControlServer:
-    """``_control_server`` on its own event loop in a daemon thread."""
+    """``control_server`` on its own event loop in a daemon thread."""
 
     def __init__(self, path: str, sup: Supervisor) -> None:
         self.path = path
@@ -41,7 +45,7 @@ class ControlServer:
         async def main() -> None:
             self.loop = asyncio.get_running_loop()
             self.stop_event = asyncio.Event()
-            server = await _control_server(self.path, self.sup)
+            server = await control_server(self.path, self.sup)
             self.ready.set()
             async with server:
                 await self.stop_event.wait()
@@ -187,6 +191,28 @@ def test_an_unknown_command(control: ControlServer) -> None:
     assert json.loads(data) == {"error": "unknown command 'reboot'"}
 
 
+def test_an_overlong_request_line_gets_a_one_line_error(control: ControlServer,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Over 64 KiB without a newline: a JSON error line and the connection closed, no
+    traceback from the handler (it used to raise inside it and answer nothing)."""
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(control.path)
+        s.sendall(b"s" * (70 * 1024))
+        f = s.makefile("rb")
+        line = f.readline()
+        try:
+            rest = f.read()
+        except ConnectionResetError:  # closed with some of our request unread: also closed
+            rest = b""
+    assert json.loads(line) == {"error": "request line longer than 65536 bytes"}
+    assert rest == b"", "one line, then the connection is closed"
+    # The server is still there for the next client.
+    assert query_status(control.path)["summary"] == control.sup.summary()
+    assert [r for r in caplog.records if r.name == "asyncio"] == []
+
+
 def test_status_reflects_changes(control: ControlServer, sup) -> None:
     s = sup[0]
     s.tick()  # busid:1-2 restarts
@@ -205,6 +231,32 @@ def test_something_else_on_the_socket_path(sock_dir: str) -> None:
     Path(path).write_text("not a socket")
     msg = one_error(run("supervisor", "status", "-s", path), 1)
     assert msg.startswith(f"cannot query the supervisor at {path}")
+
+
+STATUS_IMPORTS = textwrap.dedent("""
+    import json, sys
+    from usbipx.cli.main import app
+    try:
+        app(["supervisor", "status", "-s", sys.argv[1]])
+    except SystemExit as exc:
+        code = exc.code
+    heavy = ["ctypes", "multiprocess", "pyudev", "usbipx.daemon.spawn", "usbipx.daemon.hotplug",
+             "usbipx.daemon.runner", "usbipx.daemon.worker"]
+    print(json.dumps({"code": code, "loaded": [m for m in heavy if m in sys.modules]}),
+          file=sys.stderr)
+""")
+
+
+def test_status_loads_no_daemon_machinery(control: ControlServer, sup) -> None:
+    """``supervisor status`` is a small client: the spawner, its prctl (ctypes),
+    multiprocess, pyudev and the worker are the daemon's, not the client's."""
+    # Not from the checkout: its top-level usbipx/ would shadow the installed package.
+    res = subprocess.run([sys.executable, "-c", STATUS_IMPORTS, control.path],
+                         capture_output=True, text=True, timeout=60,
+                         cwd=os.path.dirname(control.path))
+    assert res.stdout.startswith(f"supervisor: {sup[0].summary()}\n"), (res.stdout, res.stderr)
+    out = json.loads(res.stderr.splitlines()[-1])
+    assert out == {"code": 0, "loaded": []}
 
 
 def test_a_garbled_answer(sock_dir: str) -> None:
@@ -252,6 +304,60 @@ def test_run_with_a_missing_config(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(runner, "run", None)  # must not be reached
     msg = one_error(run("supervisor", "run", "-c", str(tmp_path / "nope.toml")), 2)
     assert msg.startswith("cannot read") and "nope.toml" in msg
+
+
+def test_control_server_under_a_regular_file(sock_dir: str, sup) -> None:
+    path = os.path.join(sock_dir, "file", "sup.sock")
+    Path(sock_dir, "file").write_text("a regular file")
+    server = ControlServer(path, sup[0])
+    server.thread.start()
+    assert server.ready.wait(5)
+    assert isinstance(server.error, UsbipError), server.error
+    assert str(server.error).startswith(f"cannot create the control socket {path}: ")
+
+
+def test_run_with_the_control_socket_under_a_regular_file(sock_dir: str, tmp_path: Path) -> None:
+    """A one-line error naming the path and a non-zero exit, before anything starts:
+    no worker forked (a worker would log), nothing cleaned up or created."""
+    Path(sock_dir, "file").write_text("a regular file")
+    path = os.path.join(sock_dir, "file", "sup.sock")
+    cfg = tmp_path / "sup.toml"
+    cfg.write_text('[server]\nhost = "127.0.0.1"\n[[export]]\nbusid = "1-1"\n'
+                   f'[supervisor]\ncontrol_socket = "{path}"\n'
+                   f'state_dir = "{tmp_path}/state"\n')
+    (tmp_path / "root").mkdir()
+    res = subprocess.run([str(Path(sys.executable).parent / "usbipx"), "supervisor", "run",
+                          "-c", str(cfg)], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, USBIPX_ROOT=str(tmp_path / "root")))
+    assert res.returncode == 1, (res.returncode, res.stderr)
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith(f"usbipx: error: cannot create the control socket {path}: ")
+    assert res.stdout == ""
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_second_supervisor_is_refused_before_it_cleans_up(control: ControlServer,
+                                                            tmp_path: Path) -> None:
+    """Refused on the live control socket before it touches the state directory: it
+    must not undo what the running supervisor's workers own."""
+    owned = tmp_path / "state" / "owned"
+    owned.mkdir(parents=True)
+    record = owned / "busid_9-9.json"
+    record.write_text(json.dumps({"key": "busid:9-9", "kind": "stub", "busid": "9-9"}))
+    cfg = tmp_path / "sup.toml"
+    cfg.write_text('[server]\nhost = "127.0.0.1"\n[[export]]\nbusid = "1-1"\n'
+                   f'[supervisor]\ncontrol_socket = "{control.path}"\n'
+                   f'state_dir = "{tmp_path}/state"\n')
+    (tmp_path / "root").mkdir()
+    res = subprocess.run([str(Path(sys.executable).parent / "usbipx"), "supervisor", "run",
+                          "-c", str(cfg)], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, USBIPX_ROOT=str(tmp_path / "root")))
+    assert res.returncode == 1, res.stderr
+    assert res.stderr == (f"usbipx: error: another supervisor is running (it answers on "
+                          f"{control.path})\n")
+    assert record.exists(), "the running supervisor's record was cleaned up"
+    assert query_status(control.path)["summary"] == control.sup.summary()
 
 
 def test_run_needs_a_config() -> None:

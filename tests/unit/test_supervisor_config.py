@@ -297,3 +297,36 @@ def test_the_longest_control_socket_path(tmp_path: Path) -> None:
     path = "/" + "s" * 106  # 107 bytes and the NUL: exactly sun_path
     cfg = load_config(write(tmp_path, SERVER + EXPORT + f'[supervisor]\ncontrol_socket = "{path}"\n'))
     assert cfg.options.control_socket == path
+
+
+# ---------------------------------------------------------------- upper bounds
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("backoff_initial", "3600.5"),
+    ("backoff_max", "86401"),
+    ("connect_timeout", "601"),
+    ("poll_interval", "1e10"),  # select() raised OverflowError in every worker: a crash loop
+    ("poll_interval", str(10 ** 30)),
+    ("restart_window", "86400.5"),
+    ("restart_limit", "10001"),
+    ("restart_limit", str(2 ** 70)),
+])
+def test_numbers_have_an_upper_bound(tmp_path: Path, key: str, value: str) -> None:
+    msg = refused(tmp_path, SERVER + EXPORT + f"[supervisor]\n{key} = {value}\n")
+    assert f"supervisor.{key}" in msg, msg
+    assert msg.startswith(str(tmp_path / "sup.toml")), msg
+
+
+def test_the_largest_numbers_are_accepted(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, SERVER + EXPORT + """[supervisor]
+backoff_initial = 3600
+backoff_max = 86400
+connect_timeout = 600
+poll_interval = 60
+restart_window = 86400
+restart_limit = 10000
+"""))
+    assert cfg.options == Options(backoff_initial=3600.0, backoff_max=86400.0,
+                                  connect_timeout=600.0, poll_interval=60.0,
+                                  restart_window=86400.0, restart_limit=10000)
+    assert isinstance(cfg.options.restart_window, float)

@@ -1,0 +1,130 @@
+"""The supervisor with real processes: ``usbipx supervisor run`` against a fake sysfs
+tree (``USBIPX_ROOT``), whose forked workers must act on that tree, not on /sys."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakekernel import FakeKernel
+
+from usbipx.daemon import spawn
+from usbipx.daemon.control import query_status
+from usbipx.daemon.spawn import ProcessSpawner, close_inherited
+from usbipx.errors import UsbipError
+from usbipx.procfs import Proc
+
+USBIPX = str(Path(sys.executable).parent / "usbipx")
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[str]:
+    """A short directory: a socket's path must fit in 108 bytes."""
+    with tempfile.TemporaryDirectory(prefix="supproc") as d:
+        yield d
+
+
+def wait_status(sock: str, key: str, ready: Any, proc: subprocess.Popen[str],
+                timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] | None = None
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the supervisor ended"
+        try:
+            entries = {e["export"]: e for e in query_status(sock)["exports"]}
+        except UsbipError:
+            entries = {}  # not listening yet
+        last = entries.get(key)
+        if last is not None and ready(last):
+            return last
+        time.sleep(0.05)
+    raise AssertionError(f"{key} never got there; last status {last}")
+
+
+def test_workers_act_on_the_injected_tree(tmp_path: Path, sock_dir: str) -> None:
+    """The runner's Sysfs reaches the forked workers.  On the fake tree 1-1 is plugged
+    in and unbound: its worker binds it there (the write lands in the tree; a plain
+    directory cannot take it over, so the bind is refused and the worker backs off).
+    A worker on the real /sys would find no 1-1 and wait for it instead."""
+    root = tmp_path / "root"
+    FakeKernel(None, "host_unbound", root=root)
+    bind = root / "sys/bus/usb/drivers/usbip-host/bind"
+    bind.write_text("")
+    sock = os.path.join(sock_dir, "sup.sock")
+    cfg = tmp_path / "sup.toml"
+    cfg.write_text('[server]\nhost = "127.0.0.1"\nport = 9\n[[export]]\nbusid = "1-1"\n'
+                   f'[supervisor]\ncontrol_socket = "{sock}"\nstate_dir = "{tmp_path}/state"\n'
+                   "backoff_initial = 0.1\nbackoff_max = 0.2\n")
+    log = (tmp_path / "sup.log").open("w")
+    proc = subprocess.Popen([USBIPX, "supervisor", "run", "-c", str(cfg)], stdout=log,
+                            stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                            env=dict(os.environ, USBIPX_ROOT=str(root)))
+    try:
+        entry = wait_status(sock, "busid:1-1", lambda e: e["last_error"], proc)
+        assert entry["state"] == "backoff", (entry, (tmp_path / "sup.log").read_text())
+        assert "usbip-host did not take 1-1" in entry["last_error"]
+        assert bind.read_text() == "1-1"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+        log.close()
+    out = (tmp_path / "sup.log").read_text()
+    assert code == 0, out
+    assert "Traceback" not in out
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError as exc:
+        assert exc.errno == errno.EBADF
+        return False
+    return True
+
+
+def test_close_inherited_closes_the_sockets_proc_lists(tmp_path: Path) -> None:
+    """What a worker closes comes from the injected Proc: sockets it lists go, except
+    those kept; pipes stay (multiprocess's sentinel is one); unlisted ones are not looked at."""
+    a, b = socket.socketpair()
+    listed_sock, kept_sock = a.detach(), b.detach()
+    unlisted = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    r, w = os.pipe()
+    fd_dir = tmp_path / "proc/self/fd"
+    fd_dir.mkdir(parents=True)
+    for fd in (listed_sock, kept_sock, r, w):
+        (fd_dir / str(fd)).touch()
+    (fd_dir / "999").touch()  # already closed again: no error
+    try:
+        closed = close_inherited(keep={kept_sock}, proc=Proc(tmp_path / "proc"))
+        assert closed == [listed_sock]
+        assert not is_open(listed_sock)
+        assert is_open(kept_sock) and is_open(r) and is_open(w) and is_open(unlisted.fileno())
+    finally:
+        for fd in (kept_sock, r, w):
+            os.close(fd)
+        unlisted.close()
+
+
+def test_prctl_is_resolved_by_the_spawner_in_the_parent(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    """Resolved before the first fork (a worker resolving it would pay a megabyte of
+    private memory), not when the module is imported."""
+    monkeypatch.setattr(spawn, "_prctl", None)
+
+    async def make() -> ProcessSpawner:
+        return ProcessSpawner(asyncio.get_running_loop())
+
+    spawner = asyncio.run(make())
+    assert spawn._prctl is not None
+    assert spawner.sysfs.root == Path("/") and spawner.proc.root == Path("/proc")
