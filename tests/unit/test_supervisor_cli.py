@@ -27,6 +27,8 @@ from usbipx.cli.main import app
 from usbipx.daemon.control import control_server, query_status
 from usbipx.daemon.supervisor import Supervisor
 from usbipx.errors import UsbipError
+from usbipx.lease import Lease
+from usbipx.ownership import Owned
 
 
 class ControlServer:
@@ -342,9 +344,11 @@ def test_a_second_supervisor_is_refused_before_it_cleans_up(control: ControlServ
     """Refused on the live control socket before it touches the state directory: it
     must not undo what the running supervisor's workers own."""
     owned = tmp_path / "state" / "owned"
-    owned.mkdir(parents=True)
+    owned.mkdir(parents=True, mode=0o700)
     record = owned / "busid_9-9.json"
-    record.write_text(json.dumps({"key": "busid:9-9", "kind": "stub", "busid": "9-9"}))
+    lease = Lease("usbip-host", "9-9", bound_here=True, original_driver="usb")
+    record.write_text(json.dumps(Owned("busid:9-9", lease, pid=999999, starttime=1,
+                                       cmdline=("usbipx",)).to_json()))
     cfg = tmp_path / "sup.toml"
     cfg.write_text('[server]\nhost = "127.0.0.1"\n[[export]]\nbusid = "1-1"\n'
                    f'[supervisor]\ncontrol_socket = "{control.path}"\n'
