@@ -26,8 +26,7 @@ from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from usbipx.errors import ConfigError, PermissionDenied, UsbipError, ValidationError
@@ -209,7 +208,7 @@ def issue(directory: str | os.PathLike[str], name: str, servers: list[str] | Non
             raise ConfigError(f"{path}: already exists; not overwriting")
     ca_key, ca_cert = _load_ca(root)
     now = now or _now()
-    ca_until = _not_after(ca_cert)
+    ca_until = _validity(ca_cert)[1]
     if ca_until <= now:
         raise ConfigError(f"{root / CA_CERT}: the CA expired on {_iso(ca_until)}")
     key = ec.generate_private_key(ec.SECP256R1())
@@ -229,8 +228,7 @@ def issue(directory: str | os.PathLike[str], name: str, servers: list[str] | Non
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    cert = builder.sign(ca_key, None if isinstance(ca_key, ed25519.Ed25519PrivateKey)
-                        else hashes.SHA256())
+    cert = builder.sign(ca_key, hashes.SHA256())
     _write_pair(key_path, _key_pem(key), cert_path, _cert_pem(cert))
     return Written(key_path, cert_path)
 
@@ -244,7 +242,7 @@ def show(path: str | os.PathLike[str], now: dt.datetime | None = None) -> CertIn
     eku_ext = _extension(cert, x509.ExtendedKeyUsage)
     eku = tuple(_EKU_NAMES.get(oid, oid.dotted_string) for oid in eku_ext or [])
     bc = _extension(cert, x509.BasicConstraints)
-    not_before, not_after = _not_before(cert), _not_after(cert)
+    not_before, not_after = _validity(cert)
     return CertInfo(
         path=str(path),
         subject=cert.subject.rfc4514_string(),
@@ -323,7 +321,7 @@ def _key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False,
 
 
 def _authority_key_id(ca_cert: x509.Certificate,
-                      ca_key: CertificateIssuerPrivateKeyTypes) -> x509.AuthorityKeyIdentifier:
+                      ca_key: ec.EllipticCurvePrivateKey) -> x509.AuthorityKeyIdentifier:
     ski = _extension(ca_cert, x509.SubjectKeyIdentifier)
     if ski is not None:
         return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
@@ -338,7 +336,7 @@ def _extension(cert: x509.Certificate, kind: type[E]) -> E | None:
         return None
 
 
-def _load_ca(root: Path) -> tuple[CertificateIssuerPrivateKeyTypes, x509.Certificate]:
+def _load_ca(root: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key_path, cert_path = root / CA_KEY, root / CA_CERT
     if not (key_path.exists() and cert_path.exists()):
         raise ConfigError(f"{root}: no CA here (run: usbipx pki init {root})")
@@ -350,9 +348,8 @@ def _load_ca(root: Path) -> tuple[CertificateIssuerPrivateKeyTypes, x509.Certifi
             from None
     except ValueError:
         raise ConfigError(f"{key_path}: not a PEM private key") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-                      | ed25519.Ed25519PrivateKey):
-        raise ConfigError(f"{key_path}: unsupported key type {type(key).__name__}")
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{key_path}: not an EC key (usbipx pki init makes EC P-256 CAs)")
     bc = _extension(cert, x509.BasicConstraints)
     if bc is None or not bc.ca:
         raise ConfigError(f"{cert_path}: not a CA certificate")
@@ -459,19 +456,13 @@ def _dedupe(names: list[x509.GeneralName]) -> list[x509.GeneralName]:
     return out
 
 
-def _not_before(cert: x509.Certificate) -> dt.datetime:
-    # *_utc arrived in cryptography 42; 41 has only the naive (UTC) attributes.
-    value = getattr(cert, "not_valid_before_utc", None)
-    if isinstance(value, dt.datetime):
-        return value
-    return cert.not_valid_before.replace(tzinfo=dt.UTC)
-
-
-def _not_after(cert: x509.Certificate) -> dt.datetime:
-    value = getattr(cert, "not_valid_after_utc", None)
-    if isinstance(value, dt.datetime):
-        return value
-    return cert.not_valid_after.replace(tzinfo=dt.UTC)
+def _validity(cert: x509.Certificate) -> tuple[dt.datetime, dt.datetime]:
+    """(not before, not after) in aware UTC."""
+    if hasattr(cert, "not_valid_after_utc"):
+        return cert.not_valid_before_utc, cert.not_valid_after_utc
+    # cryptography 41 has only the naive (UTC) attributes; *_utc arrived in 42.
+    return (cert.not_valid_before.replace(tzinfo=dt.UTC),
+            cert.not_valid_after.replace(tzinfo=dt.UTC))
 
 
 def _iso(when: dt.datetime) -> str:

@@ -403,6 +403,25 @@ def test_issue_with_an_encrypted_ca_key(ca: Path) -> None:
         pki.issue(ca, "board-1")
 
 
+def test_a_ca_made_elsewhere_with_an_rsa_key_is_refused(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    k = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rsa CA")])
+    c = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+         .public_key(k.public_key()).serial_number(1)
+         .not_valid_before(NOW).not_valid_after(NOW + dt.timedelta(days=1))
+         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+         .sign(k, hashes.SHA256()))
+    (tmp_path / "ca.crt").write_bytes(c.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "ca.key").write_bytes(k.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    with pytest.raises(ConfigError, match="not an EC key"):
+        pki.issue(tmp_path, "board-1", now=NOW)
+    assert sorted(os.listdir(tmp_path)) == ["ca.crt", "ca.key"]
+
+
 def test_a_leaf_certificate_is_no_ca(ca: Path) -> None:
     pki.issue(ca, "board-1")
     leaf = ca.parent / "leaf"
@@ -508,6 +527,15 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert one_error(run("pki", "show", str(d / "ca.key")), 2) == \
         f"{d}/ca.key: not a PEM or DER X.509 certificate"
     assert sorted(os.listdir(d)) == ["board-1.crt", "board-1.key", "ca.crt", "ca.key"]
+
+
+def test_cli_init_name_and_days(tmp_path: Path) -> None:
+    d = tmp_path / "pki"
+    r = run("pki", "init", str(d), "--name", "Lab 7 CA", "--days", "20")
+    assert r.exit_code == 0, r.output
+    c = cert(d / "ca.crt")
+    assert c.subject.rfc4514_string() == "CN=Lab 7 CA"
+    assert c.not_valid_after_utc - c.not_valid_before_utc == dt.timedelta(days=20, minutes=5)
 
 
 def test_cli_days_range(tmp_path: Path) -> None:
