@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -294,15 +295,9 @@ def test_server_certificate(ca: Path) -> None:
     assert not san.critical  # the subject has a CN
     assert list(san.value) == [
         x509.DNSName("localhost"), x509.DNSName("app.lab.example"),
-        x509.IPAddress(ipaddress("127.0.0.1")), x509.IPAddress(ipaddress("::1")),
+        x509.IPAddress(ip_address("127.0.0.1")), x509.IPAddress(ip_address("::1")),
     ]
     assert c.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "appserver"
-
-
-def ipaddress(text: str) -> Any:
-    import ipaddress as ip
-
-    return ip.ip_address(text)
 
 
 def test_certificate_never_outlives_its_ca(tmp_path: Path) -> None:
