@@ -51,6 +51,8 @@ def _register() -> None:
         app.command(name)(func)
     app.add_typer(gadget.app, name="gadget")
     app.add_typer(supervisor.app, name="supervisor")
+    from usbipx.cli import pki
+    app.add_typer(pki.app, name="pki")
 
 
 _register()
