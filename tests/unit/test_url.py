@@ -40,7 +40,7 @@ def test_the_default_port_is_the_global_one_except_for_wss() -> None:
     ("h:12a", "bad remote"),
     ("tls://h/path", "only wss:// URLs have a path"),
     ("wss://h/a b", "bad path"),
-    ("wss://h/a\n", "bad path"),
+    ("wss://h/a\n", "bad remote"),
     ("h\n", "bad host"),
     ("bad_host", "bad host"),
     ("-h", "bad host"),
