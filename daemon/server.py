@@ -20,10 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import os
 import signal
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loguru import logger
@@ -303,6 +302,12 @@ class Server:
         if not self._listeners:
             self._listeners = _listeners(self.cfg)
 
+    def close(self) -> None:
+        """Close the listening sockets of a server that will not run."""
+        for s in self._listeners:
+            s.close()
+        self._listeners = []
+
     def stop(self) -> None:
         self._stop.set()
 
@@ -330,32 +335,3 @@ class Server:
             logger.info("{} stopped", self.name)
         if self._failure is not None:
             raise UsbipError(f"{self.name}: accept loop failed: {self._failure}")
-
-
-def daemonize() -> None:
-    """Detach from the terminal (double fork, new session, stdio to /dev/null)."""
-    if os.fork() > 0:
-        os._exit(0)
-    os.setsid()
-    if os.fork() > 0:
-        os._exit(0)
-    os.chdir("/")
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)
-
-
-@contextlib.contextmanager
-def pid_file(path: str | None) -> Iterator[None]:
-    """Write our pid to ``path`` for the daemon's lifetime."""
-    if not path:
-        yield
-        return
-    with open(path, "w") as fh:
-        fh.write(f"{os.getpid()}\n")
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
