@@ -39,8 +39,6 @@ _TEXT = {
 }
 
 _EXPORT_TEXT = {
-    Status.ST_NA: "refused by the usbipa's policy (address or device not allowed, "
-                  "or this address's device limit reached)",
     Status.ST_DEV_BUSY: "this address already has a live attachment of this bus id there "
                         "(another board behind the same address?), or no vhci port is free",
     Status.ST_DEV_ERR: "the usbipa's kernel refused to attach the device",

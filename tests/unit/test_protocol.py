@@ -400,3 +400,4 @@ def test_export_refusals_have_their_own_words() -> None:
     assert str(RemoteError(2, "import 1-1 from h")) == \
         "import 1-1 from h: ST_DEV_BUSY: device busy (exported or no free port)"
     assert p.status_text(4, p.OP_REQ_EXPORT) == "ST_NODEV: device not found"
+    assert p.status_text(1, p.OP_REQ_EXPORT) == p.status_text(1)  # the generic words suffice
