@@ -1,41 +1,129 @@
-"""``usbipd`` and ``usbipa``: the two daemons, in the foreground or detached (-D)."""
+"""``usbipd`` and ``usbipa``: the two daemons, in the foreground or detached (-D).
+
+Everything that can fail is done while the terminal still sees it: the
+pid and log file paths are made absolute against the caller's directory,
+the port is bound and both files are opened *before* detaching.  A failure
+is one line and a non-zero exit, and nothing is left running or behind.
+Detached, the command returns only once the daemon serves (0), or when it
+died on the way (1).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import os
+from collections.abc import Callable, Iterator
+from typing import TextIO
 
 import typer
+from loguru import logger
 
 from usbipx import log
 from usbipx.cli.common import KEEPALIVE_HELP, State, handle_errors, keepalive, state
-from usbipx.daemon.server import Handler, Server, ServerConfig, daemonize, pid_file
+from usbipx.daemon.server import Server, ServerConfig
 from usbipx.errors import UsbipError
 from usbipx.net import Keepalive
 
 
-def run_server(st: State, name: str, handler: Handler, cfg: ServerConfig, detach: bool,
-               pidfile: str | None, log_file: str | None) -> None:
-    """Bind first (so errors reach the terminal), then detach if asked, then serve."""
-    log.configure(st.debug, level="INFO")
-    server = Server(name, handler, cfg)
-    server.open()
-    if detach:
-        daemonize()
-    if log_file:
-        from loguru import logger
+def _open_pid_file(path: str) -> int:
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise UsbipError(f"cannot open pid file {path}: {exc.strerror or exc}") from None
 
-        logger.add(log_file, level="DEBUG" if st.debug else "INFO")
-    with pid_file(pidfile):
-        asyncio.run(server.run())
+
+def _open_log_file(path: str) -> TextIO:
+    try:
+        return open(path, "a", buffering=1, encoding="utf-8")
+    except OSError as exc:
+        raise UsbipError(f"cannot open log file {path}: {exc.strerror or exc}") from None
+
+
+def _detach() -> Callable[[], None]:
+    """Double fork into a new session, chdir to /, stdio to /dev/null.
+
+    The command's own process waits until the daemon calls the returned
+    function (it serves) and exits 0, or exits 1 if the daemon dies first.
+    """
+    r, w = os.pipe()
+    if os.fork() > 0:
+        os.close(w)
+        serving = os.read(r, 1) == b"1"  # b"" when the daemon's end closes unsignalled
+        if not serving:
+            os.write(2, b"usbipx: error: the daemon exited while starting\n")
+        os._exit(0 if serving else 1)
+    os.close(r)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+    def ready() -> None:
+        with contextlib.suppress(OSError):
+            os.write(w, b"1")
+            os.close(w)
+
+    return ready
+
+
+@contextlib.contextmanager
+def _pid_file(fd: int | None, path: str | None) -> Iterator[None]:
+    """Write this process's pid into the open pid file; remove it when done."""
+    if fd is None or path is None:
+        yield
+        return
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.close(fd)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def run_server(st: State, server: Server, detach: bool, pidfile: str | None,
+               log_file: str | None) -> None:
+    """Bind and open the files (errors reach the terminal), then detach if asked, then serve."""
+    log.configure(st.debug, level="INFO")
+    # daemonizing changes to /: relative paths mean the caller's directory.
+    pid_path = os.path.abspath(pidfile) if pidfile else None
+    log_path = os.path.abspath(log_file) if log_file else None
+    server.open()
+    pid_fd: int | None = None
+    try:
+        if pid_path:
+            pid_fd = _open_pid_file(pid_path)
+        if log_path:
+            logger.add(_open_log_file(log_path), level="DEBUG" if st.debug else "INFO",
+                       colorize=False)
+    except UsbipError:
+        server.close()
+        if pid_path and pid_fd is not None:  # created just now: nothing half-done
+            os.close(pid_fd)
+            os.unlink(pid_path)
+        raise
+    ready = _detach() if detach else None
+    with _pid_file(pid_fd, pid_path):
+        asyncio.run(server.run(None if ready is None else lambda _: ready()))
 
 
 def _config(st: State, ipv4: bool, ipv6: bool, tcp_port: int | None, keepalive: Keepalive,
-            address: str | None) -> ServerConfig:
+            address: str | None, max_connections: int, max_per_address: int) -> ServerConfig:
     if ipv4 and ipv6:
         raise UsbipError("-4 and -6 are exclusive; give neither to listen on both")
     return ServerConfig(port=tcp_port or st.tcp_port, ipv4=not ipv6, ipv6=not ipv4,
-                        bind_address=address, keepalive=keepalive)
+                        bind_address=address, keepalive=keepalive,
+                        max_connections=max_connections, max_per_address=max_per_address)
+
+
+MAX_CONNECTIONS_HELP = "Most connections served at once (default 256)."
+MAX_PER_ADDRESS_HELP = "Most connections from one address at once (default 64)."
 
 
 @handle_errors
@@ -53,6 +141,10 @@ def usbipd(
     address: str | None = typer.Option(None, "--address", help="Listen on this address only."),
     log_file: str | None = typer.Option(None, "--log-file", help="Also log to FILE."),
     keepalive_opt: str | None = typer.Option(None, "--keepalive", help=KEEPALIVE_HELP),
+    max_connections: int = typer.Option(256, "--max-connections", min=1,
+                                        help=MAX_CONNECTIONS_HELP),
+    max_per_address: int = typer.Option(64, "--max-per-address", min=1,
+                                        help=MAX_PER_ADDRESS_HELP),
 ) -> None:
     """Device-side daemon: serve this host's devices to `attach` (DEVLIST, IMPORT)."""
     from usbipx.daemon.usbipd import UsbipdHandler
@@ -61,8 +153,10 @@ def usbipd(
     st = state(ctx)
     driver = device_driver(st.kernel(), vudc=device)
     driver.check_loaded()
-    cfg = _config(st, ipv4, ipv6, tcp_port, keepalive(keepalive_opt), address)
-    run_server(st, "usbipd", UsbipdHandler(driver), cfg, detach, pidfile, log_file)
+    cfg = _config(st, ipv4, ipv6, tcp_port, keepalive(keepalive_opt), address,
+                  max_connections, max_per_address)
+    run_server(st, Server("usbipd", UsbipdHandler(driver), cfg), detach, pidfile, log_file)
+
 
 @handle_errors
 def usbipa(
@@ -76,14 +170,19 @@ def usbipa(
                                         help="TCP port (default 3240)."),
     address: str | None = typer.Option(None, "--address",
                                        help="Listen on this address only."),
-    allow: list[str] | None = typer.Option(None, "--allow", metavar="CIDR",
-                                           help="Accept exports only from CIDR (repeatable)."),
+    allow: list[str] | None = typer.Option(
+        None, "--allow", metavar="CIDR",
+        help="Accept connections only from CIDR (repeatable); others are closed at once."),
     policy_file: str | None = typer.Option(None, "--policy", metavar="FILE",
                                            help="Device policy (TOML)."),
     max_per_peer: int | None = typer.Option(None, "--max-per-peer", min=1,
                                             help="Most devices one peer may export."),
     log_file: str | None = typer.Option(None, "--log-file", help="Also log to FILE."),
     keepalive_opt: str | None = typer.Option(None, "--keepalive", help=KEEPALIVE_HELP),
+    max_connections: int = typer.Option(256, "--max-connections", min=1,
+                                        help=MAX_CONNECTIONS_HELP),
+    max_per_address: int = typer.Option(64, "--max-per-address", min=1,
+                                        help=MAX_PER_ADDRESS_HELP),
 ) -> None:
     """Application-side daemon: attach devices that device sides export (EXPORT, UNEXPORT)."""
     from usbipx.daemon.policy import Policy, load_policy
@@ -97,5 +196,8 @@ def usbipa(
         policy = dataclasses.replace(policy, max_devices_per_peer=max_per_peer)
     vhci = VhciDriver(st.kernel())
     vhci.check_loaded()
-    cfg = _config(st, ipv4, ipv6, tcp_port, keepalive(keepalive_opt), address)
-    run_server(st, "usbipa", UsbipaHandler(vhci, policy), cfg, detach, pidfile, log_file)
+    cfg = _config(st, ipv4, ipv6, tcp_port, keepalive(keepalive_opt), address,
+                  max_connections, max_per_address)
+    # The peer policy is applied at accept too: a refused address takes no slot.
+    server = Server("usbipa", UsbipaHandler(vhci, policy), cfg, policy.refuse_peer)
+    run_server(st, server, detach, pidfile, log_file)

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from usbipx.errors import ConfigError
 from usbipx.protocol import UsbDevice
-from usbipx.tomlfile import read_toml
+from usbipx.tomlfile import read_toml, toml_int
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Action = Literal["allow", "deny"]
@@ -112,13 +112,14 @@ class Policy:
         return Policy(nets, self.rules, self.default, self.max_devices_per_peer)
 
 
+MAX_LIMIT = 65535
+"""Largest ``max_devices_per_peer`` (vhci_hcd has at most 8 x 30 ports anyway)."""
+
+
 def _int_field(rule: dict[str, Any], key: str, bits: int, where: str) -> int | None:
     if key not in rule:
         return None
-    v = rule[key]
-    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < (1 << bits):
-        raise ConfigError(f"{where}: {key} must be an integer 0..{(1 << bits) - 1}, got {v!r}")
-    return v
+    return toml_int(rule[key], f"{where}: {key}", 0, (1 << bits) - 1)
 
 
 def policy_from_dict(data: dict[str, Any], source: str = "policy") -> Policy:
@@ -134,9 +135,8 @@ def policy_from_dict(data: dict[str, Any], source: str = "policy") -> Policy:
     if default not in ("allow", "deny"):
         raise ConfigError(f"{source}: default must be 'allow' or 'deny', got {default!r}")
     limit = data.get("max_devices_per_peer")
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
-                              or limit < 1):
-        raise ConfigError(f"{source}: max_devices_per_peer must be a positive integer")
+    if limit is not None:
+        limit = toml_int(limit, f"{source}: max_devices_per_peer", 1, MAX_LIMIT)
     rules = []
     raw_rules = data.get("rule", [])
     if not isinstance(raw_rules, list):

@@ -5,6 +5,14 @@ OP_REQ_EXPORT; we attach its device to vhci_hcd over that very connection.
 OP_REQ_UNEXPORT detaches it again, honoured only from the address that
 exported it.  Attachments are keyed by (peer address, bus id).
 
+Two boards behind one NAT address share that address, and every Raspberry
+Pi calls its first port ``1-1``: a second export of an (address, bus id)
+that is attached and alive is therefore refused (ST_DEV_BUSY), never allowed
+to kick the first.  Only a link vhci_hcd knows is dead -- its port freed, or
+in VDEV_ST_ERROR -- is replaced.  After a link cut the device side's
+re-export is refused until the keepalive has killed the old port (about
+13 s), and then succeeds on retry.
+
 Order matters on export: the device is attached *before* the reply is
 sent, so a refusal (no free port, kernel error) reaches the device side.
 The reply still wins the race against the first URB: after ``attach`` the
@@ -35,7 +43,7 @@ from usbipx.protocol import (
     UnexportRequest,
     UsbDevice,
 )
-from usbipx.vhci import VhciDriver
+from usbipx.vhci import PortStatus, VhciDriver
 
 
 def _describe(dev: UsbDevice) -> str:
@@ -65,22 +73,26 @@ class UsbipaHandler:
             # One reading of vhci's state serves the whole decision.
             ports = self.vhci.ports()
             imported = self.vhci.prune_records(ports)
-            stale = self.vhci.find(peer.host, dev.busid, imported)
-            if stale is not None:
-                # The device side only exports an available device, so an old
-                # attachment of the same device from the same peer is a dead
-                # connection the kernel has not noticed yet: replace it.
-                logger.info("replacing stale attachment of {} from {} on port {}",
-                            dev.busid, peer.host, stale.port.port)
-                self.vhci.detach(stale.port.port)
-            held = sum(1 for i in imported if i is not stale
+            old = self.vhci.find(peer.host, dev.busid, imported)
+            if old is not None and old.port.status != PortStatus.ERROR:
+                # Alive as far as vhci_hcd knows: maybe another board behind
+                # the same address, maybe a dead link the keepalive has not
+                # caught yet.  Either way the first one keeps its device.
+                return self._refuse(
+                    peer, dev, f"already attached on vhci port {old.port.port} and alive "
+                    "(another device side behind the same address?)", Status.ST_DEV_BUSY)
+            held = sum(1 for i in imported if i is not old
                        and i.record is not None and i.record.host == peer.host)
             reason = self.policy.refuse_count(held)
             if reason:
                 return self._refuse(peer, dev, reason)
+            if old is not None:
+                logger.info("replacing dead attachment of {} from {} on port {}",
+                            dev.busid, peer.host, old.port.port)
+                self.vhci.detach(old.port.port)
             # A detach above made the reading stale: its port is free again.
             port = self.vhci.attach(sock.fileno(), dev, peer.host, str(peer.port),
-                                    ports if stale is None else None)
+                                    ports if old is None else None)
         except NoFreePort as exc:
             return self._refuse(peer, dev, str(exc), Status.ST_DEV_BUSY)
         except ValidationError as exc:
@@ -103,6 +115,11 @@ class UsbipaHandler:
 
     def unexport(self, req: UnexportRequest, peer: Peer) -> Outcome:
         busid = req.device.busid
+        reason = self.policy.refuse_peer(peer.host)
+        if reason:
+            # Before looking: the answer would tell which bus ids are attached.
+            logger.warning("refused unexport of {} from {}: {}", busid, peer.host, reason)
+            return Outcome(UnexportReply(Status.ST_NA))
         try:
             imported = self.vhci.prune_records()
             mine = self.vhci.find(peer.host, busid, imported)

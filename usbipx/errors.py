@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno as _errno
 import os
 
+from usbipx.status import status_text
+
 
 class UsbipError(Exception):
     """Base of every usbipx error."""
@@ -62,12 +64,11 @@ class PermissionDenied(UsbipError):
 class RemoteError(UsbipError):
     """The peer answered a request with a non-OK status."""
 
-    def __init__(self, status: int, what: str) -> None:
-        # Imported late: protocol imports this module.
-        from usbipx.protocol import status_text
-
+    def __init__(self, status: int, what: str, op: int | None = None) -> None:
+        """``op``: the op code of the request refused, for the status's meaning in
+        the reply to it (see :func:`usbipx.status.status_text`)."""
         self.status = status
-        super().__init__(f"{what}: {status_text(status)}")
+        super().__init__(f"{what}: {status_text(status, op)}")
 
 
 class KernelError(UsbipError):

@@ -11,6 +11,7 @@ detected in seconds, not after the two-hour keepalive default.
 from __future__ import annotations
 
 import socket
+import time
 from dataclasses import dataclass
 
 from usbipx.errors import ProtocolError, UsbipError, ValidationError
@@ -56,11 +57,6 @@ class Keepalive:
         except ValueError as exc:
             raise ValidationError(f"bad keepalive {text!r}: {exc}") from None
 
-    @property
-    def detect_seconds(self) -> float:
-        """Worst-case time to notice a dead idle peer."""
-        return max(self.idle + self.interval * self.count, self.user_timeout_ms / 1000)
-
 
 DEFAULT_KEEPALIVE = Keepalive()
 
@@ -95,25 +91,41 @@ def connect(host: str, port: int = USBIP_PORT, timeout: float = 10.0,
 
 
 def request(sock: socket.socket, req: Request, timeout: float = 10.0) -> Reply:
-    """Send ``req`` and read exactly its reply, not one byte more.
+    """Send ``req`` and read exactly its reply, not one byte more, within ``timeout``
+    seconds in all (a peer trickling its reply cannot stretch it).
 
     The bytes after the reply belong to the kernel (URB traffic), so the
     reply is read with exact-size ``recv`` calls driven by the decoder.
     """
-    sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    dec = ReplyDecoder(req)
     try:
+        sock.settimeout(timeout)
         sock.sendall(req.pack())
-        dec = ReplyDecoder(req)
         while (rep := dec.next_event()) is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
             chunk = sock.recv(dec.needed())
             if not chunk:
-                raise ProtocolError("connection closed by peer before the reply was complete")
+                raise _closed(dec)
             dec.receive_data(chunk)
     except TimeoutError as exc:
-        raise UsbipError(f"no reply from peer within {timeout:.0f} s") from exc
+        raise UsbipError(f"no reply from peer within {timeout:g} s") from exc
+    except (ConnectionResetError, BrokenPipeError) as exc:
+        raise _closed(dec) from exc
     except OSError as exc:
         raise UsbipError(f"connection failed: {exc.strerror or exc}") from exc
     finally:
         # The kernel expects a blocking socket.
         sock.settimeout(None)
     return rep
+
+
+def _closed(dec: ReplyDecoder) -> ProtocolError:
+    reason = "connection closed by peer before the reply was complete"
+    if dec.pending == 0:
+        # Not one byte of reply: how a usbipa refuses an address at once.
+        reason += " (a usbipa closes connections from addresses outside its --allow)"
+    return ProtocolError(reason)

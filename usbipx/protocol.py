@@ -17,9 +17,12 @@ OP_REP_UNEXPORT 0x0007    nothing
 
 A reply whose status is not ST_OK carries no body (as Linux's ``usbipd``
 sends it).  Nothing here touches a socket: :class:`RequestDecoder` and
-:class:`ReplyDecoder` take bytes and yield PDUs, and :meth:`needed` says how
-many more bytes the next PDU needs so that callers never read past a PDU: the
-rest of the stream belongs to the kernel once the socket is handed over.
+:class:`ReplyDecoder` take bytes and yield PDUs, h11 style.  They decode
+incrementally, record by record, and keep no byte they have parsed, so a
+PDU costs time linear in its size however it is split.  ``needed()`` says
+how many more bytes the next record needs so that callers never read past a
+PDU: the rest of the stream belongs to the kernel once the socket is handed
+over.
 
 Every field from the wire is validated before it is returned: version, op
 code, status, NUL-terminated strings of the expected characters, a known
@@ -30,12 +33,19 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import IntEnum
-from typing import ClassVar, TypeAlias
+from typing import ClassVar, Generic, TypeAlias, TypeVar
 
+from usbipx import status as _status
 from usbipx.errors import ProtocolError, ValidationError
 from usbipx.names import validate_busid
+
+# The status codes and their texts live in the leaf module usbipx.status;
+# these names keep ``from usbipx.protocol import Status`` working.
+Status = _status.Status
+status_text = _status.status_text
 
 USBIP_VERSION = 0x0111
 
@@ -43,7 +53,7 @@ OP_REQUEST = 0x80 << 8
 OP_REPLY = 0x00 << 8
 OP_IMPORT = 0x03
 OP_DEVLIST = 0x05
-OP_EXPORT = 0x06
+OP_EXPORT = _status.OP_EXPORT
 OP_UNEXPORT = 0x07
 
 OP_REQ_IMPORT = OP_REQUEST | OP_IMPORT
@@ -70,37 +80,8 @@ _INTERFACE = struct.Struct(">BBBx")
 _COUNT = struct.Struct(">I")
 assert _DEVICE.size == DEVICE_SIZE and _INTERFACE.size == INTERFACE_SIZE
 
-_PATH_RE = re.compile(r"^[A-Za-z0-9/._:+-]*$")
-
-
-class Status(IntEnum):
-    """Operation status codes, as mainline's ``usbip_common.h`` names them."""
-
-    ST_OK = 0
-    ST_NA = 1
-    ST_DEV_BUSY = 2
-    ST_DEV_ERR = 3
-    ST_NODEV = 4
-    ST_ERROR = 5
-
-
-_STATUS_TEXT = {
-    Status.ST_OK: "request completed successfully",
-    Status.ST_NA: "request refused (not allowed or not available)",
-    Status.ST_DEV_BUSY: "device busy (exported or no free port)",
-    Status.ST_DEV_ERR: "device in error state",
-    Status.ST_NODEV: "device not found",
-    Status.ST_ERROR: "unexpected response",
-}
-
-
-def status_text(status: int) -> str:
-    """The status code in words, e.g. ``ST_NODEV: device not found``."""
-    try:
-        st = Status(status)
-    except ValueError:
-        return f"unknown status {status}"
-    return f"{st.name}: {_STATUS_TEXT[st]}"
+_PATH_RE = re.compile(r"[A-Za-z0-9/._:+-]*")
+_BUSID_CHARS = re.compile(r"[A-Za-z0-9._:-]*")
 
 
 class Speed(IntEnum):
@@ -238,7 +219,7 @@ class UsbDevice:
         (path, busid, busnum, devnum, speed, vendor, product, bcd, dclass, dsub, dproto,
          cfg, ncfg, nif) = _DEVICE.unpack(data)
         path_s = _decode_cstr(path, "device path", _PATH_RE)
-        busid_s = _decode_cstr(busid, "bus id", re.compile(r"^[A-Za-z0-9._:-]*$"))
+        busid_s = _decode_cstr(busid, "bus id", _BUSID_CHARS)
         try:
             return cls(path_s, busid_s, busnum, devnum, speed, vendor, product, bcd, dclass,
                        dsub, dproto, cfg, ncfg, nif)
@@ -270,7 +251,7 @@ class ExportableDevice:
             )
 
 
-def _header(code: int, status: int = Status.ST_OK) -> bytes:
+def _pack_header(code: int, status: int = Status.ST_OK) -> bytes:
     return _HEADER.pack(USBIP_VERSION, code, status)
 
 
@@ -281,7 +262,7 @@ class DevlistRequest:
     CODE: ClassVar[int] = OP_REQ_DEVLIST
 
     def pack(self) -> bytes:
-        return _header(self.CODE)
+        return _pack_header(self.CODE)
 
 
 @dataclass(frozen=True)
@@ -295,8 +276,8 @@ class DevlistReply:
 
     def pack(self) -> bytes:
         if self.status != Status.ST_OK:
-            return _header(self.CODE, self.status)
-        parts = [_header(self.CODE), _COUNT.pack(len(self.devices))]
+            return _pack_header(self.CODE, self.status)
+        parts = [_pack_header(self.CODE), _COUNT.pack(len(self.devices))]
         for d in self.devices:
             parts.append(d.device.pack())
             parts.extend(i.pack() for i in d.interfaces)
@@ -315,7 +296,7 @@ class ImportRequest:
         validate_busid(self.busid)
 
     def pack(self) -> bytes:
-        return _header(self.CODE) + struct.pack(">32s", self.busid.encode())
+        return _pack_header(self.CODE) + struct.pack(">32s", self.busid.encode())
 
 
 @dataclass(frozen=True)
@@ -333,7 +314,7 @@ class ImportReply:
 
     def pack(self) -> bytes:
         body = self.device.pack() if self.device is not None else b""
-        return _header(self.CODE, self.status) + body
+        return _pack_header(self.CODE, self.status) + body
 
 
 @dataclass(frozen=True)
@@ -345,7 +326,7 @@ class ExportRequest:
     CODE: ClassVar[int] = OP_REQ_EXPORT
 
     def pack(self) -> bytes:
-        return _header(self.CODE) + self.device.pack()
+        return _pack_header(self.CODE) + self.device.pack()
 
 
 @dataclass(frozen=True)
@@ -357,7 +338,7 @@ class UnexportRequest:
     CODE: ClassVar[int] = OP_REQ_UNEXPORT
 
     def pack(self) -> bytes:
-        return _header(self.CODE) + self.device.pack()
+        return _pack_header(self.CODE) + self.device.pack()
 
 
 @dataclass(frozen=True)
@@ -369,7 +350,7 @@ class ExportReply:
     CODE: ClassVar[int] = OP_REP_EXPORT
 
     def pack(self) -> bytes:
-        return _header(self.CODE, self.status)
+        return _pack_header(self.CODE, self.status)
 
 
 @dataclass(frozen=True)
@@ -381,7 +362,7 @@ class UnexportReply:
     CODE: ClassVar[int] = OP_REP_UNEXPORT
 
     def pack(self) -> bytes:
-        return _header(self.CODE, self.status)
+        return _pack_header(self.CODE, self.status)
 
 
 Request: TypeAlias = DevlistRequest | ImportRequest | ExportRequest | UnexportRequest
@@ -395,137 +376,192 @@ REPLY_TYPES: dict[int, type[Reply]] = {
 }
 
 
-class _Short(Exception):
-    """Internal: the buffer ends before the PDU does; ``total`` bytes are needed."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-
-
-def _take(buf: bytes | bytearray, start: int, size: int) -> bytes:
-    end = start + size
-    if len(buf) < end:
-        raise _Short(end)
-    return bytes(buf[start:end])
-
-
-def _parse_header(buf: bytes | bytearray) -> tuple[int, int]:
-    version, code, status = _HEADER.unpack(_take(buf, 0, HEADER_SIZE))
+def _check_header(record: bytes) -> tuple[int, int]:
+    version, code, status = _HEADER.unpack(record)
     if version != USBIP_VERSION:
         raise ProtocolError(f"unsupported USB/IP version 0x{version:04x} (want 0x0111)")
     return code, status
 
 
-def _parse_request(buf: bytes | bytearray) -> tuple[Request, int]:
-    code, status = _parse_header(buf)
-    if code not in REQUEST_TYPES:
-        raise ProtocolError(f"unknown request code 0x{code:04x}")
-    if status != 0:
-        raise ProtocolError(f"request 0x{code:04x} carries status {status}, not 0")
-    if code == OP_REQ_DEVLIST:
-        return DevlistRequest(), HEADER_SIZE
-    if code == OP_REQ_IMPORT:
-        raw = _take(buf, HEADER_SIZE, SYSFS_BUS_ID_SIZE)
-        busid = _decode_cstr(raw, "bus id", re.compile(r"^[A-Za-z0-9._:-]*$"))
-        try:
-            return ImportRequest(busid), HEADER_SIZE + SYSFS_BUS_ID_SIZE
-        except ValidationError as exc:
-            raise ProtocolError(str(exc)) from exc
-    dev = UsbDevice.unpack(_take(buf, HEADER_SIZE, DEVICE_SIZE))
-    req: Request = ExportRequest(dev) if code == OP_REQ_EXPORT else UnexportRequest(dev)
-    return req, HEADER_SIZE + DEVICE_SIZE
+E = TypeVar("E")
+Step = Callable[[bytes], E | None]
 
 
-def _parse_reply(expect: int, buf: bytes | bytearray) -> tuple[Reply, int]:
-    code, raw_status = _parse_header(buf)
-    if code != expect:
-        raise ProtocolError(f"reply code 0x{code:04x}, expected 0x{expect:04x}")
-    try:
-        status = Status(raw_status)
-    except ValueError:
-        raise ProtocolError(f"unknown status {raw_status} in reply 0x{code:04x}") from None
-    if code == OP_REP_EXPORT:
-        return ExportReply(status), HEADER_SIZE
-    if code == OP_REP_UNEXPORT:
-        return UnexportReply(status), HEADER_SIZE
-    if code == OP_REP_IMPORT:
-        if status != Status.ST_OK:
-            return ImportReply(status), HEADER_SIZE
-        dev = UsbDevice.unpack(_take(buf, HEADER_SIZE, DEVICE_SIZE))
-        return ImportReply(status, dev), HEADER_SIZE + DEVICE_SIZE
-    # OP_REP_DEVLIST
-    if status != Status.ST_OK:
-        return DevlistReply((), status), HEADER_SIZE
-    (count,) = _COUNT.unpack(_take(buf, HEADER_SIZE, 4))
-    if count > MAX_DEVICES:
-        raise ProtocolError(f"device list of {count} devices exceeds {MAX_DEVICES}")
-    pos = HEADER_SIZE + 4
-    devices = []
-    for _ in range(count):
-        dev = UsbDevice.unpack(_take(buf, pos, DEVICE_SIZE))
-        pos += DEVICE_SIZE
-        ifaces = []
-        for _ in range(dev.num_interfaces):
-            ifaces.append(UsbInterface.unpack(_take(buf, pos, INTERFACE_SIZE)))
-            pos += INTERFACE_SIZE
-        devices.append(ExportableDevice(dev, tuple(ifaces)))
-    return DevlistReply(tuple(devices)), pos
+class _Decoder(Generic[E]):
+    """Incremental decoding, one fixed-size record at a time.
 
+    A PDU is a sequence of records (header, count, device, interface...) whose
+    sizes the earlier ones determine.  The decoder keeps its place in that
+    sequence (``_step`` parses the next record of ``_want`` bytes) and what it
+    has decoded so far, and drops every byte it has parsed: each byte is
+    examined once, whatever the size of the PDU or of the pieces it arrives
+    in, and the buffer never holds more than one record plus the last piece
+    received.  After a :class:`ProtocolError` the stream is unusable and every
+    later :meth:`next_event` raises it again.
+    """
 
-@dataclass
-class _Decoder:
-    _buf: bytearray = field(default_factory=bytearray)
-    _need: int = HEADER_SIZE
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._error: ProtocolError | None = None
+        self._begin()
+
+    def _begin(self) -> None:
+        """Wait for the header of the next PDU."""
+        self._want = HEADER_SIZE
+        self._step: Step[E] = self._header
+        self._decoded = 0  # bytes of the PDU in progress already parsed and dropped
+
+    def _header(self, record: bytes) -> E | None:
+        raise NotImplementedError
+
+    def _expect(self, size: int, step: Step[E]) -> None:
+        """The next record is ``size`` bytes, parsed by ``step``."""
+        self._want, self._step = size, step
 
     def receive_data(self, data: bytes) -> None:
         """Append bytes received from the peer."""
         self._buf += data
 
     def needed(self) -> int:
-        """Bytes still missing before the next PDU is complete (0 if it is)."""
-        return max(self._need - len(self._buf), 0)
+        """Bytes still missing before the next record can be parsed (0 if it can be, or
+        after an error).  Reading exactly this many never reads past the PDU."""
+        if self._error is not None:
+            return 0
+        return max(self._want - len(self._buf), 0)
 
     @property
     def unconsumed(self) -> bytes:
-        """Bytes received beyond the PDUs returned so far."""
+        """Bytes received and not parsed yet (after a PDU: what followed it)."""
         return bytes(self._buf)
 
+    @property
+    def pending(self) -> int:
+        """Bytes received since the last complete PDU (parsed or not)."""
+        return self._decoded + len(self._buf)
 
-class RequestDecoder(_Decoder):
+    def next_event(self) -> E | None:
+        """The next complete PDU, or None if more bytes are needed.
+
+        Raises :class:`ProtocolError` as soon as the bytes cannot be a valid PDU.
+        """
+        if self._error is not None:
+            raise self._error
+        pos = 0
+        try:
+            while len(self._buf) - pos >= self._want:
+                record = bytes(self._buf[pos:pos + self._want])
+                pos += self._want
+                self._decoded += self._want
+                event = self._step(record)
+                if event is not None:
+                    self._begin()
+                    return event
+            return None
+        except ProtocolError as exc:
+            self._error = exc
+            raise
+        finally:
+            del self._buf[:pos]
+
+
+class RequestDecoder(_Decoder[Request]):
     """Server side: turns received bytes into request PDUs."""
 
-    def next_event(self) -> Request | None:
-        """The next complete request, or None if more bytes are needed.
+    def _header(self, record: bytes) -> Request | None:
+        code, status = _check_header(record)
+        if code not in REQUEST_TYPES:
+            raise ProtocolError(f"unknown request code 0x{code:04x}")
+        if status != 0:
+            raise ProtocolError(f"request 0x{code:04x} carries status {status}, not 0")
+        if code == OP_REQ_DEVLIST:
+            return DevlistRequest()
+        if code == OP_REQ_IMPORT:
+            self._expect(SYSFS_BUS_ID_SIZE, self._busid)
+        else:
+            self._code = code
+            self._expect(DEVICE_SIZE, self._device)
+        return None
 
-        Raises :class:`ProtocolError` as soon as the bytes cannot be a valid request.
-        """
+    def _busid(self, record: bytes) -> Request:
+        busid = _decode_cstr(record, "bus id", _BUSID_CHARS)
         try:
-            req, used = _parse_request(self._buf)
-        except _Short as short:
-            self._need = short.total
-            return None
-        del self._buf[:used]
-        self._need = HEADER_SIZE
-        return req
+            return ImportRequest(busid)
+        except ValidationError as exc:
+            raise ProtocolError(str(exc)) from exc
+
+    def _device(self, record: bytes) -> Request:
+        dev = UsbDevice.unpack(record)
+        return ExportRequest(dev) if self._code == OP_REQ_EXPORT else UnexportRequest(dev)
 
 
-class ReplyDecoder(_Decoder):
+class ReplyDecoder(_Decoder[Reply]):
     """Client side: turns received bytes into the reply to ``request``."""
 
     def __init__(self, request: Request) -> None:
-        super().__init__()
         self.expect = request.CODE & ~OP_REQUEST
+        super().__init__()
 
-    def next_event(self) -> Reply | None:
-        """The reply, or None if more bytes are needed; raises :class:`ProtocolError`."""
+    def _begin(self) -> None:
+        super()._begin()
+        self._devices: list[ExportableDevice] = []
+        self._count = 0
+
+    def _header(self, record: bytes) -> Reply | None:
+        code, raw_status = _check_header(record)
+        if code != self.expect:
+            raise ProtocolError(f"reply code 0x{code:04x}, expected 0x{self.expect:04x}")
         try:
-            rep, used = _parse_reply(self.expect, self._buf)
-        except _Short as short:
-            self._need = short.total
+            status = Status(raw_status)
+        except ValueError:
+            raise ProtocolError(f"unknown status {raw_status} in reply 0x{code:04x}") from None
+        if code == OP_REP_EXPORT:
+            return ExportReply(status)
+        if code == OP_REP_UNEXPORT:
+            return UnexportReply(status)
+        if code == OP_REP_IMPORT:
+            if status != Status.ST_OK:
+                return ImportReply(status)
+            self._expect(DEVICE_SIZE, self._import_device)
             return None
-        del self._buf[:used]
-        self._need = HEADER_SIZE
-        return rep
+        # OP_REP_DEVLIST
+        if status != Status.ST_OK:
+            return DevlistReply((), status)
+        self._expect(_COUNT.size, self._devlist_count)
+        return None
+
+    def _import_device(self, record: bytes) -> Reply:
+        return ImportReply(Status.ST_OK, UsbDevice.unpack(record))
+
+    def _devlist_count(self, record: bytes) -> Reply | None:
+        (count,) = _COUNT.unpack(record)
+        if count > MAX_DEVICES:
+            raise ProtocolError(f"device list of {count} devices exceeds {MAX_DEVICES}")
+        self._count = count
+        return self._next_device()
+
+    def _next_device(self) -> Reply | None:
+        if len(self._devices) == self._count:
+            return DevlistReply(tuple(self._devices))
+        self._expect(DEVICE_SIZE, self._devlist_device)
+        return None
+
+    def _devlist_device(self, record: bytes) -> Reply | None:
+        self._device = UsbDevice.unpack(record)
+        self._interfaces: list[UsbInterface] = []
+        if self._device.num_interfaces == 0:
+            return self._device_done()
+        self._expect(INTERFACE_SIZE, self._devlist_interface)
+        return None
+
+    def _devlist_interface(self, record: bytes) -> Reply | None:
+        self._interfaces.append(UsbInterface.unpack(record))
+        if len(self._interfaces) < self._device.num_interfaces:
+            return None  # the same step again
+        return self._device_done()
+
+    def _device_done(self) -> Reply | None:
+        self._devices.append(ExportableDevice(self._device, tuple(self._interfaces)))
+        return self._next_device()
 
 
 def decode_request(data: bytes) -> Request:
@@ -534,7 +570,8 @@ def decode_request(data: bytes) -> Request:
     dec.receive_data(data)
     req = dec.next_event()
     if req is None:
-        raise ProtocolError(f"truncated request: {len(data)} bytes, need {dec.needed()} more")
+        raise ProtocolError(f"truncated request: {len(data)} bytes, "
+                            f"need at least {dec.needed()} more")
     if dec.unconsumed:
         raise ProtocolError(f"{len(dec.unconsumed)} bytes after the request")
     return req
@@ -546,7 +583,8 @@ def decode_reply(request: Request, data: bytes) -> Reply:
     dec.receive_data(data)
     rep = dec.next_event()
     if rep is None:
-        raise ProtocolError(f"truncated reply: {len(data)} bytes, need {dec.needed()} more")
+        raise ProtocolError(f"truncated reply: {len(data)} bytes, "
+                            f"need at least {dec.needed()} more")
     if dec.unconsumed:
         raise ProtocolError(f"{len(dec.unconsumed)} bytes after the reply")
     return rep

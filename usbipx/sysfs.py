@@ -13,6 +13,7 @@ store call.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path, PurePosixPath
@@ -143,8 +144,34 @@ class Sysfs:
         except OSError as exc:
             raise kernel_error(exc, str(rel), "link") from exc
 
-    def unlink(self, rel: str | PurePosixPath) -> None:
+    def unlink(self, rel: str | PurePosixPath, missing_ok: bool = False) -> None:
+        """Remove a file or symlink; with ``missing_ok`` a missing one (or a parent that
+        is not a directory) is no error."""
         try:
             os.unlink(self.path(rel))
         except OSError as exc:
+            if missing_ok and isinstance(exc, FileNotFoundError | NotADirectoryError):
+                return
             raise kernel_error(exc, str(rel), "unlink") from exc
+
+    # -- state files of the tools (/var/run/vhci_hcd) -------------------------
+
+    def makedirs(self, rel: str | PurePosixPath, mode: int = 0o755) -> None:
+        """Create directory ``rel`` and any missing parents; an existing one is fine."""
+        try:
+            os.makedirs(self.path(rel), mode=mode, exist_ok=True)
+        except OSError as exc:
+            raise kernel_error(exc, str(rel), "mkdir") from exc
+
+    def replace_text(self, rel: str | PurePosixPath, text: str) -> None:
+        """Make ``rel`` hold ``text``: written to ``<rel>.tmp``, then renamed over it, so
+        a reader never sees half of it; the temporary file never outlives a failure."""
+        path = self.path(rel)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            tmp.write_text(text)
+            tmp.replace(path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise kernel_error(exc, str(rel)) from exc

@@ -14,9 +14,7 @@ Like the C tools, each attachment is recorded in
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import os
 import re
 from dataclasses import dataclass
 from enum import IntEnum
@@ -203,31 +201,21 @@ class VhciDriver:
             if not _RECORD_FIELD.fullmatch(value):
                 raise ValidationError(f"bad port record field {value!r}")
         validate_busid(record.busid)
-        state_dir = self.sysfs.path(STATE_DIR)
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        path = self.sysfs.path(self._record_path(port))
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            tmp.write_text(f"{record.host} {record.service} {record.busid}\n")
-            tmp.replace(path)
-        except OSError:
-            tmp.unlink(missing_ok=True)  # no half-written leftovers in /var/run
-            raise
+        self.sysfs.makedirs(STATE_DIR, mode=0o700)
+        # Whole or not at all: no half-written record in /var/run.
+        self.sysfs.replace_text(self._record_path(port),
+                                f"{record.host} {record.service} {record.busid}\n")
 
     def read_record(self, port: int) -> PortRecord | None:
-        try:
-            text = self.sysfs.path(self._record_path(port)).read_text()
-        except OSError:
-            return None
-        parts = text.split()
+        # Unreadable, missing or malformed all mean "no record".
+        parts = self.sysfs.read_optional(self._record_path(port)).split()
         if len(parts) != 3:
             return None
         return PortRecord(*parts)
 
     def remove_record(self, port: int) -> None:
         # A missing record, or a state directory that is not one, means "no record".
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            self.sysfs.path(self._record_path(port)).unlink()
+        self.sysfs.unlink(self._record_path(port), missing_ok=True)
 
     def prune_records(self, ports: list[VhciPort] | None = None) -> list[ImportedDevice]:
         """Forget records of ports the kernel has freed by itself (dead

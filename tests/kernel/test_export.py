@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
 import struct
 import subprocess
@@ -168,12 +169,68 @@ def test_dead_link_is_noticed_by_both_kernels_within_20s(stub_disk, daemons) -> 
 # -- refusals -------------------------------------------------------------------
 
 def test_peer_outside_allow_is_refused(stub_disk, daemons) -> None:
+    """Refused at accept, before the request is read: the board sees the connection
+    closed without a reply, and a reason that points at --allow."""
     busid, _ = stub_disk
     a = daemons("usbipa", "--allow", "10.99.0.0/16")
     res = usbipx("-t", str(a.port), "connect", "-r", "127.0.0.1", "-b", busid, check=False)
-    assert res.returncode != 0 and "ST_NA" in res.stderr
+    assert res.returncode != 0
+    assert "closed by peer before the reply" in res.stderr and "--allow" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
     assert vhci_used_ports() == [] and driver_of(busid) == "usb"
-    assert "refused export of 1-1 (1d6b:0104) from 127.0.0.1" in a.output()
+    assert ("refused connection from 127.0.0.1: peer is outside the allowed networks"
+            in a.output())
+
+
+def test_idle_connections_from_a_refused_address_do_not_lock_out_a_board(
+        stub_disk, daemons) -> None:
+    """500 idle connections from 127.0.0.2, outside --allow, held open while the allowed
+    board (127.0.0.1) exports its disk: each is closed at accept and takes no slot."""
+    busid, data = stub_disk
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(2048, hard), hard))
+    a = daemons("usbipa", "--allow", "127.0.0.1/32")
+    held: list[socket.socket] = []
+    try:
+        for _ in range(500):
+            s = socket.socket()
+            held.append(s)
+            s.bind(("127.0.0.2", 0))
+            s.connect(("127.0.0.1", a.port))
+        usbipx("-t", str(a.port), "connect", "-r", "127.0.0.1", "-b", busid)
+        assert_vhci_disk_matches(data)
+        for s in held[::50]:  # closed by usbipa without a byte
+            s.settimeout(5)
+            assert s.recv(1) == b""
+    finally:
+        for s in held:
+            s.close()
+    assert a.alive()
+    (port, _), = vhci_used_ports()
+    assert records()[port].split()[0] == "127.0.0.1"
+    refusals = [line for line in a.output().splitlines()
+                if "refused connection from 127.0.0.2" in line]
+    assert 1 <= len(refusals) <= 3  # the 1st, 10th and 100th: a flood does not flood the log
+    usbipx("-t", str(a.port), "disconnect", "-r", "127.0.0.1", "-b", busid)
+    assert vhci_used_ports() == []
+
+
+def test_a_second_export_of_a_live_busid_does_not_kick_the_first(stub_disk, daemons) -> None:
+    """Two boards behind one address both export 1-1: the second is refused (ST_DEV_BUSY)
+    and the first board's disk stays attached and readable."""
+    busid, data = stub_disk
+    a = daemons("usbipa")
+    usbipx("-t", str(a.port), "connect", "-r", "127.0.0.1", "-b", busid)
+    assert_vhci_disk_matches(data)
+    before = vhci_used_ports()
+    rep = _raw(a.port, "127.0.0.1", p.ExportRequest(_record_of(busid)))
+    assert rep.status == p.Status.ST_DEV_BUSY
+    assert vhci_used_ports() == before
+    assert_vhci_disk_matches(data)
+    assert f"already attached on vhci port {before[0][0]} and alive" in a.output()
+    usbipx("-t", str(a.port), "disconnect", "-r", "127.0.0.1", "-b", busid)
+    assert vhci_used_ports() == []
 
 
 def test_denied_device_is_refused(stub_disk, daemons, tmp_path: Path) -> None:
@@ -208,14 +265,19 @@ def _raw(port: int, source: str, req: p.Request) -> p.Reply:
     return rep
 
 
+def _record_of(busid: str) -> p.UsbDevice:
+    """The device record a board would send for local device ``busid``."""
+    record = json.loads(usbipx("list", "-l", "--json").stdout)
+    dev = next(d for d in record if d["busid"] == busid)
+    return p.UsbDevice(dev["path"], busid, dev["busnum"], dev["devnum"], p.Speed.HIGH,
+                       0x1D6B, 0x0104, 0x0100)
+
+
 def test_unexport_from_another_address_is_refused(stub_disk, daemons) -> None:
     busid, data = stub_disk
     a = daemons("usbipa")
     usbipx("-t", str(a.port), "connect", "-r", "127.0.0.1", "-b", busid)
-    record = json.loads(usbipx("list", "-l", "--json").stdout)
-    dev = next(d for d in record if d["busid"] == busid)
-    rec = p.UsbDevice(dev["path"], busid, dev["busnum"], dev["devnum"], p.Speed.HIGH,
-                      0x1D6B, 0x0104, 0x0100)
+    rec = _record_of(busid)
     rep = _raw(a.port, "127.0.0.2", p.UnexportRequest(rec))
     assert rep.status == p.Status.ST_NA
     assert len(vhci_used_ports()) == 1

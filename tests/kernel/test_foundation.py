@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import struct
 import subprocess
 import time
@@ -18,6 +19,7 @@ from labkit import (
     block_devices_under,
     driver_of,
     flood,
+    free_tcp_port,
     read_block,
     usbipx,
     vhci_used_ports,
@@ -139,6 +141,7 @@ def test_usbipx_end_to_end_and_detach(stub_disk, daemons) -> None:
     (["attach", "-r", "127.0.0.1", "-b", "1-1"], "cannot connect"),
     (["detach", "-p", "5"], "not in use"),
     (["list"], "choose exactly one"),
+    (["usbipd", "-D", "-P", "/no/such/dir/u.pid"], "cannot open pid file /no/such/dir/u.pid"),
 ])
 def test_errors_are_one_line_and_nonzero(stub_disk, args, needle) -> None:
     res = usbipx("-t", "1", *args, check=False)
@@ -228,3 +231,40 @@ def test_usbipd_survives_1000_bad_pdus_without_fd_growth(stub_disk, daemons) -> 
     assert vhci_used_ports() == []
     print(f"{sent} bad PDUs in {time.monotonic() - t0:.1f} s; fds {fds_before} -> {d.fds()}")
     assert os.path.exists(f"/proc/{d.proc.pid}")
+
+
+# -- usbipd as a daemon ----------------------------------------------------------
+
+def test_usbipd_detached_with_relative_pid_and_log_files(stub_disk, tmp_path: Path) -> None:
+    """-D -P/--log-file relative to the caller's directory: the pid file names the live
+    daemon, Debian's client is served, SIGTERM ends it and removes the pid file."""
+    busid, data = stub_disk
+    usbipx("bind", "-b", busid)
+    port = free_tcp_port()
+    res = subprocess.run([USBIPX, "usbipd", "-D", "-t", str(port), "-P", "u.pid",
+                          "--log-file", "u.log"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    pid = int((tmp_path / "u.pid").read_text())
+
+    def running() -> bool:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+    try:
+        assert running()
+        out = subprocess.run(["usbip", "-t", str(port), "list", "-r", "127.0.0.1"],
+                             capture_output=True, text=True, check=True).stdout
+        assert f"{busid}: Linux Foundation" in out
+        subprocess.run(["usbip", "-t", str(port), "attach", "-r", "127.0.0.1", "-b", busid],
+                       check=True, capture_output=True)
+        assert_vhci_disk_matches(data)
+        assert f"usbipd listening on 0.0.0.0 port {port}" in (tmp_path / "u.log").read_text()
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not running(), 10, what="usbipd to end")
+    assert not (tmp_path / "u.pid").exists()
+    assert "usbipd stopped" in (tmp_path / "u.log").read_text()

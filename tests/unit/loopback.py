@@ -23,7 +23,7 @@ from typing import Any
 from fakekernel import FakeKernel
 
 from usbipx import protocol as p
-from usbipx.daemon.server import Handler, Outcome, Peer, Server, ServerConfig
+from usbipx.daemon.server import Handler, Outcome, Peer, PeerPolicy, Server, ServerConfig
 from usbipx.vhci import VhciDriver
 
 HOST = "127.0.0.1"
@@ -54,13 +54,17 @@ def used_ports(kernel: FakeKernel) -> list[int]:
 
 
 class LoopbackServer:
-    """``Server(name, handler, cfg)`` bound to 127.0.0.1 on a free port."""
+    """``Server(name, handler, cfg, refuse_peer)`` bound to 127.0.0.1 on a free port.
 
-    def __init__(self, handler: Handler, name: str = "test", **cfg: Any) -> None:
+    The server is bound when the block is entered, unless :meth:`Server.open`
+    was called before (a test may then replace its listeners)."""
+
+    def __init__(self, handler: Handler, name: str = "test",
+                 refuse_peer: PeerPolicy | None = None, **cfg: Any) -> None:
         cfg.setdefault("port", 0)
         cfg.setdefault("ipv6", False)
         cfg.setdefault("bind_address", HOST)
-        self.server = Server(name, handler, ServerConfig(**cfg))
+        self.server = Server(name, handler, ServerConfig(**cfg), refuse_peer)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"server-{name}", daemon=True)

@@ -10,6 +10,7 @@ with the C tools' formats; every failure must be one line
 from __future__ import annotations
 
 import errno
+import ipaddress
 import json
 import sys
 from collections.abc import Iterator
@@ -402,16 +403,23 @@ def test_usbipa_wires_policy_and_options(kernel: FakeKernel, fs: Any,
     fs.create_file("/p.toml", contents='allow = ["10.0.0.0/8"]\n[[rule]]\naction = "deny"\n'
                                        "class = 9\n")
     ok(run(kernel, "-t", "4000", "usbipa", "--policy", "/p.toml", "--allow", "192.0.2.1",
-           "--max-per-peer", "3", "-4", "--keepalive", "6,2,4,8000"))
-    (_, name, handler, cfg, detach, pidfile, log_file), = started
-    assert (name, detach, pidfile, log_file) == ("usbipa", False, None, None)
+           "--max-per-peer", "3", "-4", "--keepalive", "6,2,4,8000", "--max-connections", "50",
+           "--max-per-address", "5"))
+    (_, server, detach, pidfile, log_file), = started
+    assert (server.name, detach, pidfile, log_file) == ("usbipa", False, None, None)
+    handler, cfg = server.handler, server.cfg
     assert isinstance(handler, UsbipaHandler)
     assert handler.policy == Policy(
-        networks=Policy().with_networks(["10.0.0.0/8", "192.0.2.1"]).networks,
+        networks=(ipaddress.IPv4Network("10.0.0.0/8"), ipaddress.IPv4Network("192.0.2.1/32")),
         rules=(DeviceRule("deny", device_class=9),), max_devices_per_peer=3)
     assert (cfg.port, cfg.ipv4, cfg.ipv6) == (4000, True, False)
     assert (cfg.keepalive.idle, cfg.keepalive.count, cfg.keepalive.user_timeout_ms) == \
         (6, 4, 8000)
+    assert (cfg.max_connections, cfg.max_per_address) == (50, 5)
+    # The peer policy is applied at accept as well as by the handler.
+    assert server.refuse_peer is not None
+    assert server.refuse_peer("10.1.2.3") is None and server.refuse_peer("192.0.2.1") is None
+    assert server.refuse_peer("192.0.2.2") == "peer is outside the allowed networks"
 
 
 @pytest.mark.scenario("vudc")
@@ -419,10 +427,13 @@ def test_usbipd_picks_the_driver(kernel: FakeKernel, monkeypatch: pytest.MonkeyP
     started: list[tuple[Any, ...]] = []
     monkeypatch.setattr(cli_daemons, "run_server", lambda *a: started.append(a))
     ok(run(kernel, "usbipd", "-e", "-6", "-t", "3999", "-D", "-P", "/run/u.pid"))
-    (_, name, handler, cfg, detach, pidfile, _log), = started
-    assert (name, detach, pidfile) == ("usbipd", True, "/run/u.pid")
+    (_, server, detach, pidfile, _log), = started
+    assert (server.name, detach, pidfile) == ("usbipd", True, "/run/u.pid")
+    handler, cfg = server.handler, server.cfg
     assert isinstance(handler, UsbipdHandler) and isinstance(handler.driver, VudcDriver)
     assert (cfg.port, cfg.ipv4, cfg.ipv6) == (3999, False, True)
+    assert (cfg.max_connections, cfg.max_per_address) == (256, 64)  # the defaults
+    assert server.refuse_peer is None
 
 
 # -- commands that talk to a peer ---------------------------------------------------------------

@@ -87,6 +87,7 @@ def test_config_error_is_a_validation_error_with_exit_code_2() -> None:
     ('max_devices_per_peer = "4"', ["max_devices_per_peer"]),
     ("max_devices_per_peer = true", ["max_devices_per_peer"]),
     ("max_devices_per_peer = 1.5", ["max_devices_per_peer"]),
+    ("max_devices_per_peer = 65536", ["max_devices_per_peer", "1..65535"]),
     ("maxdevices = 3", ["maxdevices"]),
     ('[rule]\naction = "deny"', ["rule"]),
     ('rule = ["deny"]', ["rule 1", "table"]),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import struct
 from pathlib import Path
 
@@ -123,6 +122,71 @@ def test_needed_drives_exact_reads() -> None:
     assert dec.unconsumed == b""
 
 
+def _big_devlist(devices: int = 128, interfaces: int = 32) -> p.DevlistReply:
+    ifaces = tuple(p.UsbInterface(8, 6, n) for n in range(interfaces))
+    devs = []
+    for n in range(devices):
+        d = p.UsbDevice(f"/sys/devices/platform/vhci_hcd.0/usb{n + 1}/{n + 1}-1", f"{n + 1}-1",
+                        n + 1, 2, p.Speed.HIGH, 0x1D6B, 0x0104, 0x0100,
+                        num_interfaces=interfaces)
+        devs.append(p.ExportableDevice(d, ifaces))
+    return p.DevlistReply(tuple(devs))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 100])
+def test_devlist_decoder_keeps_no_more_than_one_record(chunk: int) -> None:
+    """A 128 x 32 reply fed in small pieces: what the decoder holds between calls never
+    exceeds one record plus the last piece, so no byte is parsed twice (the old decoder
+    kept the whole reply and parsed it from byte 0 on every call)."""
+    reply = _big_devlist()
+    raw = reply.pack()
+    dec = p.ReplyDecoder(p.DevlistRequest())
+    got = None
+    for start in range(0, len(raw), chunk):
+        assert got is None, "the reply completed before its last byte"
+        dec.receive_data(raw[start:start + chunk])
+        got = dec.next_event()
+        assert len(dec.unconsumed) < p.DEVICE_SIZE + chunk, f"holds too much at byte {start}"
+    assert got == reply
+    assert dec.unconsumed == b""
+
+
+def test_devlist_decoder_wants_one_record_at_a_time() -> None:
+    """needed() asks for exactly the next record of a large reply, never the rest of it."""
+    raw = _big_devlist(3, 32).pack()
+    dec = p.ReplyDecoder(p.DevlistRequest())
+    sizes, pos = [], 0
+    while (rep := dec.next_event()) is None:
+        n = dec.needed()
+        sizes.append(n)
+        dec.receive_data(raw[pos:pos + n])
+        pos += n
+    assert pos == len(raw) and rep == _big_devlist(3, 32)
+    assert sizes == [8, 4] + ([312] + [4] * 32) * 3
+
+
+def test_decoder_reports_bytes_of_the_pdu_in_progress() -> None:
+    raw = p.ExportRequest(DEV).pack()
+    dec = p.RequestDecoder()
+    dec.receive_data(raw[:300])
+    assert dec.next_event() is None
+    assert dec.pending == 300
+    assert dec.needed() == 20
+    dec.receive_data(raw[300:] + b"\x01\x02")
+    assert dec.next_event() == p.ExportRequest(DEV)
+    assert dec.pending == 2 and dec.unconsumed == b"\x01\x02"
+
+
+def test_decoder_error_is_final() -> None:
+    dec = p.RequestDecoder()
+    dec.receive_data(bytes.fromhex("0111 8009 00000000"))
+    with pytest.raises(ProtocolError, match="unknown request"):
+        dec.next_event()
+    dec.receive_data(p.DevlistRequest().pack())
+    with pytest.raises(ProtocolError, match="unknown request"):
+        dec.next_event()
+
+
 # -- validation ---------------------------------------------------------------
 
 def _device_bytes(**over: object) -> bytearray:
@@ -228,6 +292,22 @@ requests = st.one_of(
 )
 
 
+REQUEST_SIZE = {0x8005: 8, 0x8003: 8 + 32, 0x8006: 8 + 312, 0x8007: 8 + 312}
+# (offset, size) of the NUL-terminated strings of each request: the bus id of an
+# import, the path and the bus id of an export/unexport device record.
+_STRINGS = {0x8005: (), 0x8003: ((8, 32),), 0x8006: ((8, 256), (264, 32)),
+            0x8007: ((8, 256), (264, 32))}
+
+
+def _normalized(raw: bytes) -> bytes:
+    """``raw`` as a re-encoding must give it: every string field zero after its first NUL."""
+    out = bytearray(raw)
+    for off, size in _STRINGS[int.from_bytes(raw[2:4], "big")]:
+        nul = out.index(0, off, off + size)
+        out[nul:off + size] = bytes(off + size - nul)
+    return bytes(out)
+
+
 @given(requests)
 def test_request_round_trip(req: p.Request) -> None:
     assert p.decode_request(req.pack()) == req
@@ -250,9 +330,20 @@ def test_import_reply_round_trip(dev: p.UsbDevice, status: p.Status) -> None:
 def test_random_bytes_never_crash_the_request_decoder(data: bytes) -> None:
     dec = p.RequestDecoder()
     dec.receive_data(data)
-    with contextlib.suppress(ProtocolError):
-        dec.next_event()
-    assert dec.needed() >= 0
+    try:
+        req = dec.next_event()
+    except ProtocolError:
+        return
+    if len(data) < 8:
+        assert req is None and dec.needed() == 8 - len(data)
+        return
+    # A header that passed: the PDU is as long as its code says.
+    size = REQUEST_SIZE[int.from_bytes(data[2:4], "big")]
+    if req is None:
+        assert len(data) < size and dec.needed() == size - len(data)
+    else:
+        assert req.pack() == _normalized(data[:size])
+        assert dec.unconsumed == data[size:] and dec.needed() == max(8 - len(data[size:]), 0)
 
 
 @settings(max_examples=300)
@@ -267,4 +358,46 @@ def test_mutated_requests_decode_or_fail_cleanly(req: p.Request, data: st.DataOb
     except ProtocolError:
         return
     # Whatever decodes re-encodes to the same bytes up to each string's NUL.
-    assert type(out) is type(req)
+    assert out.pack() == _normalized(bytes(raw))
+
+
+# -- module structure -----------------------------------------------------------
+
+def _usbipx_imports(module: str) -> set[str]:
+    """usbipx modules that ``module``'s source imports, at any depth of its code."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin is not None
+    tree = ast.parse(Path(spec.origin).read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("usbipx"):
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("usbipx")}
+    return found
+
+
+def test_status_codes_live_in_a_leaf_module() -> None:
+    """errors and protocol both take the status codes from usbipx.status; neither imports
+    the other's way round (errors used to import protocol inside RemoteError)."""
+    assert _usbipx_imports("usbipx.status") == set()
+    assert not any(m.startswith("usbipx.protocol") for m in _usbipx_imports("usbipx.errors"))
+    assert p.Status is __import__("usbipx.status").status.Status
+
+
+def test_export_refusals_have_their_own_words() -> None:
+    from usbipx.errors import RemoteError
+
+    assert p.status_text(2) == "ST_DEV_BUSY: device busy (exported or no free port)"
+    busy = p.status_text(2, p.OP_REP_EXPORT)
+    assert busy.startswith("ST_DEV_BUSY: ") and "live attachment of this bus id" in busy
+    assert p.status_text(2, p.OP_REQ_EXPORT) == busy
+    assert str(RemoteError(2, "export of 1-1 to h refused", p.OP_REQ_EXPORT)) == \
+        f"export of 1-1 to h refused: {busy}"
+    assert str(RemoteError(2, "import 1-1 from h")) == \
+        "import 1-1 from h: ST_DEV_BUSY: device busy (exported or no free port)"
+    assert p.status_text(4, p.OP_REQ_EXPORT) == "ST_NODEV: device not found"
+    assert p.status_text(1, p.OP_REQ_EXPORT) == p.status_text(1)  # the generic words suffice

@@ -6,12 +6,15 @@ goes over the wire: the reply, or the connection ending without one.
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import struct
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from loguru import logger
@@ -302,3 +305,112 @@ def test_stop_closes_the_listeners() -> None:
         port = srv.port
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((HOST, port), timeout=2).close()
+
+
+# -- admission at accept: peer policy and connection caps ---------------------------
+
+OTHER = "127.0.0.2"  # a second local source address (all of 127/8 is loopback)
+
+
+def connect_from(srv: LoopbackServer, source: str) -> socket.socket:
+    """A client connection whose source address is ``source``."""
+    return socket.create_connection((HOST, srv.port), timeout=5, source_address=(source, 0))
+
+
+def only_local(host: str) -> str | None:
+    return None if host == HOST else "peer is outside the allowed networks"
+
+
+def test_refused_peers_are_closed_at_accept_and_take_no_slot(logs: list[str]) -> None:
+    """Idle connections from a refused address cannot lock out an allowed one: each is
+    closed at once, before any request is read, and never counts as active."""
+    h = Recorder()
+    with LoopbackServer(h, max_connections=4, request_timeout=30.0,
+                        refuse_peer=only_local) as srv:
+        held = [connect_from(srv, OTHER) for _ in range(12)]
+        try:
+            for c in held:
+                assert read_to_eof(c, timeout=5.0) == b""  # closed without a reply
+            held[0].sendall(DEVLIST_REQ)  # a request changes nothing
+            assert exchange(srv, DEVLIST_REQ) == EMPTY_DEVLIST  # 127.0.0.1 is served
+            srv.wait_for(lambda s: s.active == 0)
+        finally:
+            for c in held:
+                c.close()
+    assert [peer.host for _, peer in h.calls] == [HOST]
+    refusals = [m for m in logs if "refused connection from 127.0.0.2" in m]
+    assert refusals and "outside the allowed networks" in refusals[0]
+    assert len(refusals) <= 2  # the 1st and the 10th: a flood does not flood the log
+
+
+def test_per_address_cap(logs: list[str]) -> None:
+    h = Recorder()
+    with LoopbackServer(h, max_per_address=2, request_timeout=30.0) as srv:
+        a, b = connect_from(srv, OTHER), connect_from(srv, OTHER)
+        srv.wait_for(lambda s: s.active == 2)
+        with connect_from(srv, OTHER) as third:
+            assert read_to_eof(third, timeout=5.0) == b""  # over the cap: closed at once
+        assert exchange(srv, DEVLIST_REQ) == EMPTY_DEVLIST  # another address is served
+        a.close()
+        srv.wait_for(lambda s: s.active == 1)
+        with connect_from(srv, OTHER) as again:  # a slot of 127.0.0.2 is free again
+            again.sendall(DEVLIST_REQ)
+            assert read_to_eof(again) == EMPTY_DEVLIST
+        b.sendall(DEVLIST_REQ)
+        assert read_to_eof(b) == EMPTY_DEVLIST
+        b.close()
+    assert [peer.host for _, peer in h.calls] == [HOST, OTHER, OTHER]
+    assert any("127.0.0.2" in m and "2 connections from one address" in m for m in logs)
+
+
+def test_total_cap_is_logged(logs: list[str]) -> None:
+    with LoopbackServer(Recorder(), max_connections=1, request_timeout=30.0) as srv, \
+            srv.connect():
+        srv.wait_for(lambda s: s.active == 1)
+        with connect_from(srv, OTHER) as extra:
+            assert read_to_eof(extra, timeout=5.0) == b""
+    assert any("127.0.0.2" in m and "1 connections in all" in m for m in logs)
+
+
+# -- accept errors ------------------------------------------------------------------------
+
+class FlakyListener(socket.socket):
+    """A listening socket whose next accept() calls fail with the given errnos first."""
+
+    failures: list[int]
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if self.failures:
+            err = self.failures.pop(0)
+            raise OSError(err, os.strerror(err))
+        return super().accept()
+
+
+@pytest.mark.parametrize("err", [errno.ECONNABORTED, errno.EPROTO, errno.ENOBUFS,
+                                 errno.ENOMEM, errno.EPERM, errno.EMFILE])
+def test_a_failing_accept_does_not_stop_the_server(err: int, logs: list[str]) -> None:
+    srv = LoopbackServer(Recorder())
+    srv.server.open()
+    (listener,) = srv.server._listeners
+    flaky = FlakyListener(listener.family, listener.type, fileno=listener.detach())
+    flaky.failures = [err]
+    srv.server._listeners = [flaky]
+    with srv:
+        assert exchange(srv, DEVLIST_REQ) == EMPTY_DEVLIST
+        assert flaky.failures == []  # the failure did happen, before this client
+    assert any("accept failed" in m and os.strerror(err) in m for m in logs)
+
+
+def test_a_bug_in_the_accept_loop_stops_the_server_loudly(logs: list[str]) -> None:
+    """Not a silent daemon that serves no one: run() ends with the error."""
+
+    def broken(host: str) -> str | None:
+        raise RuntimeError("policy bug")
+
+    srv = LoopbackServer(Recorder(), refuse_peer=broken)
+    with pytest.raises(UsbipError, match="accept loop failed: policy bug"), srv:
+        with srv.connect() as c:
+            assert read_to_eof(c) == b""
+        srv._thread.join(5.0)
+        assert not srv._thread.is_alive()
+    assert any("accept loop failed" in m for m in logs)

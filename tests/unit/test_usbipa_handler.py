@@ -82,6 +82,16 @@ def used_ports(kernel: FakeKernel) -> list[int]:
     return [x.port for x in VhciDriver(kernel.sysfs).ports() if not x.free]
 
 
+VDEV_ST_ERROR = 7
+
+
+def port_in_error(kernel: FakeKernel, port: int) -> None:
+    """vhci_hcd gave up on ``port``'s connection (``VDEV_ST_ERROR``): its line reads
+    ``007 000 00000000 000000 0-0`` until someone detaches it."""
+    kernel.vhci_port(port).status = VDEV_ST_ERROR  # type: ignore[assignment]
+    kernel.render_vhci_status(port // 30)
+
+
 def export(h: UsbipaHandler, new_sock, d: p.UsbDevice = D11, peer: Peer = A
            ) -> tuple[Outcome, socket.socket]:
     s = new_sock()
@@ -205,7 +215,8 @@ def test_reexport_of_the_same_device_does_not_count_against_the_limit(
         kernel: FakeKernel, vhci: VhciDriver, new_sock) -> None:
     h = UsbipaHandler(vhci, Policy(max_devices_per_peer=1))
     assert export(h, new_sock)[0].reply.status == p.Status.ST_OK
-    assert export(h, new_sock)[0].reply.status == p.Status.ST_OK  # replaces the stale one
+    port_in_error(kernel, 0)  # the old link is known dead
+    assert export(h, new_sock)[0].reply.status == p.Status.ST_OK  # replaces the dead one
 
 
 # -- what vhci_hcd cannot do --------------------------------------------------------------
@@ -250,13 +261,38 @@ def test_kernel_refusing_the_attach_is_a_device_error(kernel: FakeKernel, vhci: 
     assert record(kernel, 0) is None
 
 
-# -- stale attachments -------------------------------------------------------------------
+# -- the same bus id again from the same address ------------------------------------------
 
-def test_stale_attachment_of_the_same_device_is_replaced(kernel: FakeKernel, vhci: VhciDriver,
-                                                          new_sock, logs: list[str]) -> None:
+@pytest.mark.parametrize("enumerated", [True, False])
+def test_live_attachment_is_not_kicked_by_a_second_export(kernel: FakeKernel, vhci: VhciDriver,
+                                                          new_sock, logs: list[str],
+                                                          enumerated: bool) -> None:
+    """Two boards behind one NAT address both export 1-1: the second is refused and the
+    first keeps its device (whether or not the hub has enumerated it yet)."""
+    kernel.vhci_enumerates = enumerated
+    h = UsbipaHandler(vhci)
+    _, first = export(h, new_sock, D11, A)  # port 0
+    kernel.clear_log()
+    out, _ = export(h, new_sock, D11, Peer(A.host, 40999))
+    assert out.reply == p.ExportReply(p.Status.ST_DEV_BUSY)
+    assert out.undo is None
+    assert kernel.writes == []
+    assert kernel.vhci_port(0).sockfd == first.fileno()
+    assert record(kernel, 0) == "10.0.0.5 40000 1-1\n"
+    assert used_ports(kernel) == [0]
+    (line,) = [m for m in logs if m.startswith("refused export")]
+    assert "1-1 (1d6b:0104) from 10.0.0.5" in line
+    assert "already attached on vhci port 0 and alive" in line
+    # What the board prints for that status names the case.
+    assert "live attachment of this bus id" in p.status_text(out.reply.status, p.OP_REP_EXPORT)
+
+
+def test_attachment_in_error_state_is_replaced(kernel: FakeKernel, vhci: VhciDriver,
+                                               new_sock, logs: list[str]) -> None:
     h = UsbipaHandler(vhci)
     assert export(h, new_sock, D21, A)[0].reply.status == p.Status.ST_OK  # port 0, stays
     _, old = export(h, new_sock, D11, A)  # port 1
+    port_in_error(kernel, 1)
     kernel.clear_log()
     again = Peer(A.host, 40999)  # the device side reconnected from a new port
     out, new = export(h, new_sock, D11, again)
@@ -265,22 +301,37 @@ def test_stale_attachment_of_the_same_device_is_replaced(kernel: FakeKernel, vhc
     assert kernel.vhci_port(1).sockfd == new.fileno() != old.fileno()
     assert record(kernel, 1) == "10.0.0.5 40999 1-1\n"
     assert used_ports(kernel) == [0, 1]
-    assert any("replacing stale attachment of 1-1 from 10.0.0.5 on port 1" in m for m in logs)
+    assert any("replacing dead attachment of 1-1 from 10.0.0.5 on port 1" in m for m in logs)
 
 
-def test_stale_attachment_on_the_last_free_port_is_replaced(kernel: FakeKernel,
-                                                             vhci: VhciDriver, new_sock) -> None:
-    """Every other hs port is taken: the port the stale attachment frees is the one to use."""
+def test_dead_attachment_on_the_last_free_port_is_replaced(kernel: FakeKernel,
+                                                           vhci: VhciDriver, new_sock) -> None:
+    """Every other hs port is taken: the port the dead attachment frees is the one to use."""
     h = UsbipaHandler(vhci)
     export(h, new_sock, D11, A)  # port 0
     for port in range(1, 240):
         if (port // 15) % 2 == 0:
             kernel.vhci_plug(port)
+    port_in_error(kernel, 0)
     kernel.clear_log()
     out, new = export(h, new_sock, D11, Peer(A.host, 40999))
     assert out.reply == p.ExportReply(p.Status.ST_OK)
     assert kernel.writes == [(DETACH, "0"), (ATTACH, f"0 {new.fileno()} 65538 3")]
     assert record(kernel, 0) == "10.0.0.5 40999 1-1\n"
+
+
+def test_gone_attachment_is_attached_afresh(kernel: FakeKernel, vhci: VhciDriver,
+                                            new_sock) -> None:
+    """The kernel freed the port (keepalive killed the old link): the retry attaches."""
+    h = UsbipaHandler(vhci)
+    export(h, new_sock, D11, A)
+    assert export(h, new_sock, D11, A)[0].reply.status == p.Status.ST_DEV_BUSY  # still alive
+    kernel.vhci_unplug(0)
+    kernel.clear_log()
+    out, s = export(h, new_sock, D11, Peer(A.host, 40100))
+    assert out.reply.status == p.Status.ST_OK
+    assert kernel.writes == [(ATTACH, f"0 {s.fileno()} 65538 3")]
+    assert record(kernel, 0) == "10.0.0.5 40100 1-1\n"
 
 
 def test_same_busid_from_another_peer_is_another_device(kernel: FakeKernel, vhci: VhciDriver,
@@ -365,6 +416,23 @@ def test_unexport_from_another_peer_is_refused(kernel: FakeKernel, vhci: VhciDri
     assert used_ports(kernel) == [0]
     assert record(kernel, 0) == "10.0.0.5 40000 1-1\n"
     assert any("refused unexport of 1-1 from 10.0.0.6" in m for m in logs)
+
+
+@pytest.mark.parametrize("attached", [True, False])
+def test_unexport_from_outside_the_allowed_networks_learns_nothing(
+        kernel: FakeKernel, vhci: VhciDriver, new_sock, logs: list[str],
+        attached: bool) -> None:
+    """The peer policy comes first: a stranger cannot tell attached bus ids (ST_NA) from
+    unknown ones (ST_NODEV), and changes nothing."""
+    h = UsbipaHandler(vhci, Policy(networks=(net("10.0.0.5/32"),)))
+    if attached:
+        export(h, new_sock, D11, A)
+    kernel.clear_log()
+    assert unexport(h, new_sock, D11, B).reply == p.UnexportReply(p.Status.ST_NA)
+    assert kernel.writes == []
+    assert used_ports(kernel) == ([0] if attached else [])
+    assert any("refused unexport of 1-1 from 10.0.0.6" in m and "outside the allowed" in m
+               for m in logs)
 
 
 def test_unexport_of_unknown_device(kernel: FakeKernel, vhci: VhciDriver, new_sock) -> None:

@@ -296,6 +296,25 @@ def test_record_write_failure_detaches_the_port(fs: object, kernel: FakeKernel,
 
 
 @pytest.mark.scenario("vhci_free")
+def test_record_errors_are_usbipx_errors_naming_the_file(fs: object, kernel: FakeKernel,
+                                                         vhci: VhciDriver) -> None:
+    """The records go through Sysfs like every kernel-facing file: a state directory that
+    is not one is a KernelError naming it, not a bare OSError."""
+    fs.create_file(str(kernel.sysfs.path(STATE_DIR)), contents="not a directory")  # type: ignore[attr-defined]
+    with pytest.raises(KernelError, match=f"{STATE_DIR}: EEXIST"):
+        vhci.write_record(0, PortRecord("127.0.0.1", "3240", "1-1"))
+    assert vhci.read_record(0) is None  # reads as "no record"
+    vhci.remove_record(0)  # and there is nothing to remove
+
+
+@pytest.mark.scenario("vhci_free")
+def test_state_directory_is_private(kernel: FakeKernel, vhci: VhciDriver) -> None:
+    vhci.write_record(4, PortRecord("127.0.0.1", "3240", "1-1"))
+    assert kernel.sysfs.path(STATE_DIR).stat().st_mode & 0o777 == 0o700
+    assert kernel.sysfs.listdir(STATE_DIR) == ["port4"]
+
+
+@pytest.mark.scenario("vhci_free")
 def test_bad_record_field_detaches_the_port(kernel: FakeKernel, vhci: VhciDriver) -> None:
     with pytest.raises(UsbipError, match="bad port record field"):
         vhci.attach(3, device(), "evil host\n1.2.3.4", "3240")

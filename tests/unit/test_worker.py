@@ -187,13 +187,16 @@ def test_a_dropped_export_is_exported_again(kernel: FakeKernel, ssys: SerialSysf
     w = WorkerThread(stub_job(srv.port), ssys)
     with w:
         first = w.wait_for("exported")
+        # The link dies: the application side's kernel frees its port (usbipa refuses
+        # a re-export while the old port is alive), the device side's drops the export.
+        kernel.vhci_unplug(0)
         drop_export(kernel, "1-1")
         back = w.wait_for("backoff", first)
         assert w.reports[back]["error"] == "export dropped: connection closed"
         again = w.wait_for("exported", back)
         assert w.states()[back:again + 1] == ["backoff", "exporting", "exported"]
         assert kernel.stub_status["1-1"] == 2
-        # usbipa replaced its stale attachment of the same device from the same peer
+        # usbipa attached the device afresh
         assert len(requests(spy, p.ExportRequest)) == 2
         assert used_ports(kernel) == [0]
         w.stop()
@@ -248,6 +251,7 @@ def test_a_device_unbound_behind_the_workers_back_is_exported_again(
     w = WorkerThread(stub_job(srv.port), ssys)
     with w:
         first = w.wait_for("exported")
+        kernel.vhci_unplug(0)  # the application side sees the connection end
         HostDriver(ssys).unbind("1-1")  # e.g. `usbipx unbind`, or another worker
         try:
             w.wait_for("exported", w.wait_for("backoff", first, timeout=0.5), timeout=2.0)
@@ -336,6 +340,7 @@ def test_a_dropped_gadget_export_is_exported_again(
     w = WorkerThread(gadget_job(srv.port, udc=V1), gsys)
     with w:
         first = w.wait_for("exported")
+        kernel.vhci_unplug(0)  # both sides see the connection end
         kernel.vudc[V1].connected = False  # the vUDC saw its connection end
         kernel.set_attr(f"{PLATFORM}/{V1}/usbip_status", "1\n")
         w.wait_for("exported", w.wait_for("backoff", first))
