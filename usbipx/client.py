@@ -165,7 +165,8 @@ def export_prepared(host: str, busid: str, driver: DeviceDriver, port: int = USB
     with _connection(host, port, keepalive, timeout) as sock:
         rep = request(sock, ExportRequest(dev.record), timeout)
         if rep.status != Status.ST_OK:
-            raise RemoteError(rep.status, f"export of {busid} to {host} refused")
+            raise RemoteError(rep.status, f"export of {busid} to {host} refused",
+                              ExportRequest.CODE)
         # usbipa has attached the device; from here the connection is URB
         # traffic, read by the kernel.
         driver.handoff(busid, sock.fileno())
