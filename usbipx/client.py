@@ -9,9 +9,8 @@ the socket) sees the connection end and frees the device.
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loguru import logger
 
@@ -19,7 +18,6 @@ from usbipx.driver import DeviceDriver, ExportStatus, LocalDevice
 from usbipx.errors import DeviceBusy, DeviceNotFound, ProtocolError, RemoteError, UsbipError
 from usbipx.lease import Lease
 from usbipx.names import validate_busid
-from usbipx.net import DEFAULT_KEEPALIVE, USBIP_PORT, Keepalive, connect, request
 from usbipx.ownership import Owned, OwnershipStore
 from usbipx.protocol import (
     DevlistReply,
@@ -34,60 +32,68 @@ from usbipx.protocol import (
     UsbDevice,
 )
 from usbipx.sysfs import Sysfs
+from usbipx.transport import KernelPath, Link, Remote, open_link
 from usbipx.vhci import VhciDriver
 
 
 @contextlib.contextmanager
-def _connection(host: str, port: int, keepalive: Keepalive,
-                timeout: float = 10.0) -> Iterator[socket.socket]:
-    sock = connect(host, port, timeout=timeout, keepalive=keepalive)
+def _link(remote: Remote) -> Iterator[Link]:
+    link = open_link(remote)
     try:
-        yield sock
+        yield link
     finally:
-        sock.close()
+        link.close()
 
 
-def list_remote(host: str, port: int = USBIP_PORT) -> list[ExportableDevice]:
-    """The devices a usbipd at ``host:port`` offers (OP_REQ_DEVLIST)."""
-    with _connection(host, port, DEFAULT_KEEPALIVE) as sock:
-        rep = request(sock, DevlistRequest())
+def list_remote(remote: Remote) -> list[ExportableDevice]:
+    """The devices a usbipd offers (OP_REQ_DEVLIST)."""
+    with _link(remote) as link:
+        rep = link.request(DevlistRequest())
     assert isinstance(rep, DevlistReply)
     if rep.status != Status.ST_OK:
-        raise RemoteError(rep.status, f"list devices of {host}")
+        raise RemoteError(rep.status, f"list devices of {remote}")
     return list(rep.devices)
 
 
 @dataclass(frozen=True)
 class Attached:
-    """Result of an import: the vhci port and the remote device record."""
+    """Result of an import: the vhci port, the remote device, and what carries it."""
 
     port: int
     host: str
     busid: str
+    path: KernelPath = field(default_factory=lambda: KernelPath("tcp"))
 
 
-def attach_remote(host: str, busid: str, vhci: VhciDriver, port: int = USBIP_PORT,
-                  keepalive: Keepalive = DEFAULT_KEEPALIVE) -> Attached:
-    """Import ``busid`` from the usbipd at ``host`` into vhci_hcd (OP_REQ_IMPORT).
+def attach_remote(remote: Remote, busid: str, vhci: VhciDriver) -> Attached:
+    """Import ``busid`` from a usbipd into vhci_hcd (OP_REQ_IMPORT).
 
     vhci_hcd is checked before the peer is asked, so a missing driver does
-    not make the peer export its device for nothing.
+    not make the peer export its device for nothing.  A relay in the result
+    (``tls-relay``) must be run by the caller for as long as the port lives.
     """
     validate_busid(busid)
     vhci.check_loaded()
-    with _connection(host, port, keepalive) as sock:
+    with _link(remote) as link:
         req = ImportRequest(busid)
-        rep = request(sock, req)
+        rep = link.request(req)
         assert isinstance(rep, ImportReply)
         if rep.status != Status.ST_OK or rep.device is None:
-            raise RemoteError(rep.status, f"import {busid} from {host}")
-        if rep.device.busid != busid:
-            raise ProtocolError(f"asked for {busid}, peer answered with {rep.device.busid}")
-        vport = vhci.attach(sock.fileno(), rep.device, host, str(port))
+            raise RemoteError(rep.status, f"import {busid} from {remote}")
+        device = rep.device
+        if device.busid != busid:
+            raise ProtocolError(f"asked for {busid}, peer answered with {device.busid}")
+        ports: list[int] = []
+
+        def give(fd: int) -> None:
+            ports.append(vhci.attach(fd, device, remote.host, str(remote.port)))
+
         # vhci_hcd holds its own reference to the socket now; closing ours
-        # (in _connection) does not end the connection.
-    logger.debug("import of {} from {} on port {} complete", busid, host, vport)
-    return Attached(vport, host, busid)
+        # (leaving _link) does not end the connection.
+        path = link.hand_to_kernel(give)
+    logger.debug("import of {} from {} on port {} complete ({})", busid, remote, ports[0],
+                 path.transport)
+    return Attached(ports[0], remote.host, busid, path)
 
 
 def detach_port(port: int, vhci: VhciDriver) -> None:
@@ -99,11 +105,13 @@ def detach_port(port: int, vhci: VhciDriver) -> None:
 
 @dataclass(frozen=True)
 class Exported:
-    """Result of an export: what was exported, and the lease preparing it took."""
+    """Result of an export: what was exported, the lease preparing it took, and what
+    carries the data."""
 
     host: str
     busid: str
     lease: Lease
+    path: KernelPath = field(default_factory=lambda: KernelPath("tcp"))
 
     @property
     def bound_here(self) -> bool:
@@ -130,8 +138,7 @@ def export_records(sysfs: Sysfs) -> OwnershipStore:
     return OwnershipStore(sysfs.path(EXPORT_RECORDS))
 
 
-def export_device(host: str, busid: str, driver: DeviceDriver, port: int = USBIP_PORT,
-                  keepalive: Keepalive = DEFAULT_KEEPALIVE, timeout: float = 10.0,
+def export_device(remote: Remote, busid: str, driver: DeviceDriver,
                   store: OwnershipStore | None = None) -> Exported:
     """Prepare ``busid`` (stub mode: bind it to usbip-host if it is not) and export it.
 
@@ -144,38 +151,41 @@ def export_device(host: str, busid: str, driver: DeviceDriver, port: int = USBIP
     driver.check_loaded()
     lease = driver.claim(busid)
     if store is not None and lease.owns_something:
-        store.write(Owned(busid, lease, f"{host}:{port}"))
+        store.write(Owned(busid, lease, str(remote)))
     try:
         driver.acquire(lease)
-        export_prepared(host, busid, driver, port, keepalive, timeout)
+        path = export_prepared(remote, busid, driver)
     except BaseException:
         with contextlib.suppress(UsbipError):
             driver.release(lease)
         if store is not None:
             store.remove(busid)
         raise
-    return Exported(host, busid, lease)
+    return Exported(remote.host, busid, lease, path)
 
 
-def export_prepared(host: str, busid: str, driver: DeviceDriver, port: int = USBIP_PORT,
-                    keepalive: Keepalive = DEFAULT_KEEPALIVE, timeout: float = 10.0) -> None:
-    """Export a device that is ready (bound, or a gadget on its vUDC) to the usbipa at
-    ``host`` (OP_REQ_EXPORT) and hand the connection to the kernel."""
+def export_prepared(remote: Remote, busid: str, driver: DeviceDriver) -> KernelPath:
+    """Export a device that is ready (bound, or a gadget on its vUDC) to a usbipa
+    (OP_REQ_EXPORT) and hand the connection to the kernel.
+
+    A relay in the result (``tls-relay``) must be run by the caller for as
+    long as the export lives.
+    """
     dev = _local_export_record(driver, busid)
-    with _connection(host, port, keepalive, timeout) as sock:
-        rep = request(sock, ExportRequest(dev.record), timeout)
+    with _link(remote) as link:
+        rep = link.request(ExportRequest(dev.record))
         if rep.status != Status.ST_OK:
-            raise RemoteError(rep.status, f"export of {busid} to {host} refused",
+            raise RemoteError(rep.status, f"export of {busid} to {remote} refused",
                               ExportRequest.CODE)
         # usbipa has attached the device; from here the connection is URB
         # traffic, read by the kernel.
-        driver.handoff(busid, sock.fileno())
-    logger.info("exported {} to {}:{}", busid, host, port)
+        path = link.hand_to_kernel(lambda fd: driver.handoff(busid, fd))
+    logger.info("exported {} to {} ({})", busid, remote, path.transport)
+    return path
 
 
-def unexport_device(host: str, busid: str, driver: DeviceDriver, port: int = USBIP_PORT,
-                    force: bool = False, keepalive: Keepalive = DEFAULT_KEEPALIVE,
-                    timeout: float = 10.0) -> None:
+def unexport_device(remote: Remote, busid: str, driver: DeviceDriver,
+                    force: bool = False) -> None:
     """Withdraw ``busid`` from the usbipa at ``host`` (OP_REQ_UNEXPORT).
 
     The device stays with its driver: giving it back is releasing its lease.
@@ -196,10 +206,10 @@ def unexport_device(host: str, busid: str, driver: DeviceDriver, port: int = USB
         if status is None:
             raise UsbipError(f"{busid} is not exported: not bound to {driver.name}")
     try:
-        with _connection(host, port, keepalive, timeout) as sock:
-            rep = request(sock, UnexportRequest(record), timeout)
+        with _link(remote) as link:
+            rep = link.request(UnexportRequest(record))
         if rep.status != Status.ST_OK:
-            raise RemoteError(rep.status, f"unexport of {busid} from {host} refused")
+            raise RemoteError(rep.status, f"unexport of {busid} from {remote} refused")
     except UsbipError:
         if not force:
             raise
@@ -207,16 +217,16 @@ def unexport_device(host: str, busid: str, driver: DeviceDriver, port: int = USB
         if status == ExportStatus.USED:
             with contextlib.suppress(UsbipError):
                 driver.shutdown(busid)
-    logger.info("unexported {} from {}", busid, host)
+    logger.info("unexported {} from {}", busid, remote)
 
 
-def withdraw(host: str, busid: str, driver: DeviceDriver, store: OwnershipStore,
-             port: int = USBIP_PORT, force: bool = False) -> Lease | None:
+def withdraw(remote: Remote, busid: str, driver: DeviceDriver, store: OwnershipStore,
+             force: bool = False) -> Lease | None:
     """``disconnect``: unexport ``busid``, then release the lease ``connect`` recorded
     (a device it bound goes back to its driver).  Returns that lease, if any."""
     validate_busid(busid)
     rec = store.read(busid)
-    unexport_device(host, busid, driver, port, force)
+    unexport_device(remote, busid, driver, force)
     if rec is not None and rec.lease is not None:
         driver.release(rec.lease)
     store.remove(busid)

@@ -71,11 +71,24 @@ class VhciPort:
 
 @dataclass(frozen=True)
 class PortRecord:
-    """Where an attached port leads: ``/var/run/vhci_hcd/port<N>``."""
+    """Where an attached port leads: ``/var/run/vhci_hcd/port<N>``.
+
+    The first line is the C tools' ``"<host> <port> <busid>"`` (Debian's
+    ``usbip port`` reads only that line).  usbipx adds a second line with the
+    transport carrying the data (``tcp``, ``ktls``, ``tls-relay``) and, for a
+    TLS peer, its certificate identity: the peer an attachment belongs to.
+    """
 
     host: str
     service: str
     busid: str
+    transport: str = "tcp"
+    identity: str | None = None
+
+    @property
+    def owner(self) -> str:
+        """Who the attachment belongs to: the certificate identity, else the address."""
+        return self.identity if self.identity is not None else self.host
 
 
 @dataclass(frozen=True)
@@ -197,21 +210,29 @@ class VhciDriver:
         return f"{STATE_DIR}/port{int(port)}"
 
     def write_record(self, port: int, record: PortRecord) -> None:
-        for value in (record.host, record.service):
+        for value in (record.host, record.service, record.transport,
+                      *([record.identity] if record.identity is not None else [])):
             if not _RECORD_FIELD.fullmatch(value):
                 raise ValidationError(f"bad port record field {value!r}")
         validate_busid(record.busid)
         self.sysfs.makedirs(STATE_DIR, mode=0o700)
+        ours = record.transport + (f" {record.identity}" if record.identity is not None else "")
         # Whole or not at all: no half-written record in /var/run.
         self.sysfs.replace_text(self._record_path(port),
-                                f"{record.host} {record.service} {record.busid}\n")
+                                f"{record.host} {record.service} {record.busid}\n{ours}\n")
 
     def read_record(self, port: int) -> PortRecord | None:
         # Unreadable, missing or malformed all mean "no record".
-        parts = self.sysfs.read_optional(self._record_path(port)).split()
+        lines = self.sysfs.read_optional(self._record_path(port)).splitlines()
+        parts = lines[0].split() if lines else []
         if len(parts) != 3:
             return None
-        return PortRecord(*parts)
+        extra = lines[1].split() if len(lines) > 1 else []
+        if not all(_RECORD_FIELD.fullmatch(x) for x in [*parts, *extra]) or len(extra) > 2:
+            return None
+        transport = extra[0] if extra else "tcp"
+        identity = extra[1] if len(extra) == 2 else None
+        return PortRecord(*parts, transport=transport, identity=identity)
 
     def remove_record(self, port: int) -> None:
         # A missing record, or a state directory that is not one, means "no record".

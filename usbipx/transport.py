@@ -1,0 +1,199 @@
+"""Client links: a connection to a peer by URL, one USB/IP request, then the kernel's.
+
+:func:`open_link` dials a :class:`Remote` -- plain TCP, or mutual TLS -- and
+returns a :class:`Link` ready for one request.  :meth:`Link.hand_to_kernel`
+then gives the connection to the kernel through the callable the caller
+passes (``usbip_sockfd`` or vhci's ``attach``) and says what carries the
+data from then on (:class:`KernelPath`):
+
+* ``tcp`` -- the socket itself, as the C tools do;
+* ``ktls`` -- the TLS socket itself with the record keys installed in the
+  kernel (kernel TLS): the kernel encrypts, nothing runs in user space;
+* ``tls-relay`` -- one end of a socketpair, the other end pumped to the TLS
+  connection by a :class:`~usbipx.relay.Relay` that the caller must run for
+  as long as the export lives (a background process for a one-shot command,
+  the worker itself in the supervisor).
+
+Every socket gets keepalive and TCP_USER_TIMEOUT before anything else, so a
+dead link is noticed whichever path carries the data.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from loguru import logger
+
+from usbipx.errors import ConfigError, ProtocolError, UsbipError
+from usbipx.net import DEFAULT_KEEPALIVE, Keepalive, connect, request
+from usbipx.protocol import Reply, ReplyDecoder, Request
+from usbipx.tlsconf import TlsFiles
+from usbipx.url import Endpoint, parse_endpoint
+
+if TYPE_CHECKING:
+    from usbipx.relay import Relay
+    from usbipx.tlsengine import TlsEngine
+
+DataPath = Literal["auto", "ktls", "relay"]
+"""How TLS data reaches the kernel: kernel TLS where it works (``auto``), or forced."""
+
+Transport = Literal["tcp", "ktls", "tls-relay"]
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A peer to reach, and how: its URL, this end's TLS files, socket timers."""
+
+    endpoint: Endpoint
+    tls: TlsFiles | None = None
+    keepalive: Keepalive = field(default=DEFAULT_KEEPALIVE)
+    timeout: float = 10.0
+    """Seconds for the connection, the handshake and the request together."""
+    data_path: DataPath = "auto"
+
+    def __post_init__(self) -> None:
+        if self.endpoint.secure and self.tls is None:
+            raise ConfigError(f"{self.endpoint.scheme}:// needs --cert, --key and --ca "
+                              "(or USBIPX_CERT, USBIPX_KEY, USBIPX_CA)")
+        if self.endpoint.scheme == "wss":
+            raise ConfigError("wss:// is not supported yet; use tls://")
+
+    @classmethod
+    def parse(cls, text: str, default_port: int, tls: TlsFiles | None = None,
+              keepalive: Keepalive = DEFAULT_KEEPALIVE, timeout: float = 10.0,
+              data_path: DataPath = "auto") -> Remote:
+        """``-r`` as given on the command line (``HOST``, ``tcp://``, ``tls://``)."""
+        return cls(parse_endpoint(text, default_port), tls, keepalive, timeout, data_path)
+
+    @classmethod
+    def tcp(cls, host: str, port: int, keepalive: Keepalive = DEFAULT_KEEPALIVE,
+            timeout: float = 10.0) -> Remote:
+        """Plain TCP to ``host:port``."""
+        return cls(Endpoint("tcp", host, port), None, keepalive, timeout)
+
+    @property
+    def host(self) -> str:
+        return self.endpoint.host
+
+    @property
+    def port(self) -> int:
+        return self.endpoint.port
+
+    def __str__(self) -> str:
+        return self.endpoint.hostport if self.endpoint.scheme == "tcp" else str(self.endpoint)
+
+
+@dataclass
+class KernelPath:
+    """What carries an export's data once the kernel has the connection."""
+
+    transport: Transport
+    relay: Relay | None = None
+    """The :class:`~usbipx.relay.Relay` to run (``tls-relay`` only)."""
+
+
+class Link:
+    """One connection to a peer, good for one request and then for the kernel."""
+
+    def __init__(self, remote: Remote, sock: socket.socket, engine: TlsEngine | None = None,
+                 deadline: float | None = None) -> None:
+        self.remote = remote
+        self.sock = sock
+        self.engine = engine
+        self.deadline = deadline if deadline is not None else time.monotonic() + remote.timeout
+
+    def _left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise UsbipError(f"no reply from {self.remote} within {self.remote.timeout:.0f} s")
+        return left
+
+    def request(self, req: Request) -> Reply:
+        """Send ``req`` and read exactly its reply, not one byte (or record) more."""
+        if self.engine is None:
+            return request(self.sock, req, self._left())
+        from usbipx.tlsengine import TlsError, recv_blocking, send_blocking
+
+        try:
+            send_blocking(self.sock, self.engine, req.pack(), self.deadline)
+            dec = ReplyDecoder(req)
+            while (rep := dec.next_event()) is None:
+                data = recv_blocking(self.sock, self.engine, self.deadline)
+                if data:
+                    dec.receive_data(data)
+        except TlsError as exc:
+            raise UsbipError(f"{self.remote}: {exc}") from exc
+        except OSError as exc:
+            raise UsbipError(f"connection to {self.remote} failed: {exc.strerror or exc}") \
+                from exc
+        if dec.pending:
+            raise ProtocolError(f"{self.remote} sent more than its reply")
+        return rep
+
+    def hand_to_kernel(self, give: Callable[[int], None]) -> KernelPath:
+        """Give the connection to the kernel with ``give(fd)``; what carries it now.
+
+        For TLS: kernel TLS if the remote's ``data_path`` allows it and it can be
+        installed, else a relay socketpair.  If ``give`` raises, nothing is left
+        behind (the caller closes the link).
+        """
+        self.sock.settimeout(None)  # the kernel expects a blocking socket
+        if self.engine is None:
+            give(self.sock.fileno())
+            return KernelPath("tcp")
+        from usbipx import ktls
+        from usbipx.relay import Relay, relay_pair
+
+        engine = self.engine
+        if self.remote.data_path != "relay":
+            try:
+                tx, rx = engine.kernel_crypto()
+                ktls.install(self.sock, tx, rx)
+            except ktls.KtlsUnavailable as exc:
+                if self.remote.data_path == "ktls":
+                    raise
+                logger.info("kernel TLS unavailable ({}); relaying in user space", exc)
+            else:
+                give(self.sock.fileno())
+                return KernelPath("ktls")
+        kernel_end, relay_end = relay_pair()
+        try:
+            give(kernel_end.fileno())
+        except BaseException:
+            relay_end.close()
+            raise
+        finally:
+            kernel_end.close()  # the kernel holds its own reference now
+        return KernelPath("tls-relay", Relay(relay_end, self.sock, engine,
+                                             name=str(self.remote)))
+
+    def close(self) -> None:
+        """Close our descriptor (the kernel, or a relay, keeps the connection alive)."""
+        self.sock.close()
+
+
+def open_link(remote: Remote) -> Link:
+    """Connect to ``remote`` (TCP, then the TLS handshake for ``tls://``)."""
+    deadline = time.monotonic() + remote.timeout
+    sock = connect(remote.host, remote.port, timeout=remote.timeout, keepalive=remote.keepalive)
+    if not remote.endpoint.secure:
+        return Link(remote, sock, None, deadline)
+    from usbipx.tlsconf import client_context
+    from usbipx.tlsengine import TlsEngine, TlsError, handshake_blocking
+
+    assert remote.tls is not None
+    try:
+        engine = TlsEngine(client_context(remote.tls), server_side=False,
+                           server_hostname=remote.host)
+        handshake_blocking(sock, engine, deadline)
+    except TlsError as exc:
+        sock.close()
+        raise UsbipError(f"{remote}: {exc}") from exc
+    except BaseException:
+        sock.close()
+        raise
+    return Link(remote, sock, engine, deadline)
