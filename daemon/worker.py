@@ -34,7 +34,9 @@ from usbipx.client import export_device, unexport_device
 from usbipx.daemon.supervisor import Job, State
 from usbipx.driver import DeviceDriver, ExportStatus
 from usbipx.errors import DeviceBusy, DeviceNotFound, UsbipError
-from usbipx.gadget.configfs import apply_spec, gadget_on_udc, read_gadget, remove_gadget
+from usbipx.gadget.live import read_gadget
+from usbipx.gadget.transaction import apply_spec, remove_gadget
+from usbipx.gadget.udc import gadget_on_udc
 from usbipx.gadget.vudc import VudcDriver
 from usbipx.net import Keepalive
 from usbipx.stubmode.host import HostDriver

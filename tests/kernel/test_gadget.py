@@ -38,16 +38,11 @@ from loguru import logger
 
 from usbipx.errors import DeviceBusy
 from usbipx.gadget import hid
-from usbipx.gadget.configfs import (
-    GadgetApplyError,
-    apply_spec,
-    gadget_on_udc,
-    list_gadgets,
-    list_udcs,
-    remove_gadget,
-    save_gadget,
-)
-from usbipx.gadget.spec import dump_spec, loads_spec
+from usbipx.gadget.dump import dump_spec
+from usbipx.gadget.live import list_gadgets, save_gadget
+from usbipx.gadget.spec import loads_spec
+from usbipx.gadget.transaction import GadgetApplyError, apply_spec, remove_gadget
+from usbipx.gadget.udc import gadget_on_udc, list_udcs
 from usbipx.sysfs import Sysfs
 
 pytestmark = pytest.mark.kernel

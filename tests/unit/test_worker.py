@@ -41,7 +41,9 @@ from usbipx.daemon.policy import Policy
 from usbipx.daemon.supervisor import Job
 from usbipx.daemon.usbipa import UsbipaHandler
 from usbipx.daemon.worker import Backoff, Ownership, clean_leftovers
-from usbipx.gadget.configfs import apply_spec, gadget_on_udc, list_gadgets
+from usbipx.gadget.live import list_gadgets
+from usbipx.gadget.transaction import apply_spec
+from usbipx.gadget.udc import gadget_on_udc
 from usbipx.stubmode.host import HostDriver
 from usbipx.sysfs import Sysfs
 from usbipx.vhci import VhciDriver
