@@ -38,7 +38,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from usbipx.errors import ConfigError, ValidationError
 from usbipx.gadget import hid
@@ -74,7 +74,7 @@ UDC_NONE = "none"
 _GADGET_NAME_RULE = "letters, digits, _ and -, at most 64"
 
 
-def is_gadget_name(name: object) -> bool:
+def is_gadget_name(name: object) -> TypeGuard[str]:
     """Whether ``name`` can name a gadget (its directory under usb_gadget/)."""
     return isinstance(name, str) and GADGET_NAME.fullmatch(name) is not None
 
@@ -216,7 +216,6 @@ def _parse(data: Mapping[str, Any]) -> GadgetSpec:
             f"name: {name!r} is not a gadget name ({_GADGET_NAME_RULE})"
             if name is not None else "name: missing (the directory under usb_gadget/)"
         )
-    assert isinstance(name, str)
     udc = data.get("udc")
     if udc is not None and (not isinstance(udc, str) or not UDC_NAME.fullmatch(udc)):
         raise ConfigError(f"udc: {udc!r} is not a UDC name (e.g. dummy_udc.0), auto or none")

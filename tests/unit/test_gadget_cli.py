@@ -1,4 +1,4 @@
-"""``usbipx gadget ...`` through typer's CliRunner, with USBIPX_ROOT on a fake configfs."""
+"""``usbipx gadget ...`` through typer's CliRunner, on a fake configfs injected as State(sysfs=...)."""
 
 from __future__ import annotations
 
