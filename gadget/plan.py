@@ -25,6 +25,8 @@ The kernel's rules the plans follow:
 
 Links are removed newest first, so that undoing the removal makes them
 again oldest first: their order is the order of the config's interfaces.
+A language directory is addressed as ``0x<lang>`` in lower-case hex, as
+usbipx and libusbgx make it.
 """
 
 from __future__ import annotations
