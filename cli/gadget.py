@@ -10,35 +10,16 @@ import typer
 
 from usbipx.cli.common import emit_json, handle_errors, state
 from usbipx.errors import ConfigError
-from usbipx.gadget.configfs import (
-    AppliedGadget,
-    Configfs,
-    UdcInfo,
-    apply_spec,
-    list_gadgets,
-    list_udcs,
-    read_gadget,
-    remove_gadget,
-    save_gadget,
-)
-from usbipx.gadget.spec import (
-    LANG_EN_US,
-    GadgetSpec,
-    dump_spec,
-    load_spec,
-    loads_spec,
-    spec_to_dict,
-)
-from usbipx.sysfs import Sysfs
+from usbipx.gadget.configfs import Configfs
+from usbipx.gadget.dump import dump_spec, spec_to_dict
+from usbipx.gadget.live import list_gadgets, read_gadget, save_gadget
+from usbipx.gadget.spec import LANG_EN_US, GadgetSpec, load_spec, loads_spec
+from usbipx.gadget.transaction import AppliedGadget, apply_spec, remove_gadget
+from usbipx.gadget.udc import UdcInfo, list_udcs
 
 app = typer.Typer(help="Provision USB gadgets through configfs.", no_args_is_help=True)
 
 JSON_HELP = "Print JSON (same as the global --json)."
-
-
-def _sysfs(ctx: typer.Context) -> Sysfs:
-    # USBIPX_ROOT (State.root) points tests at a fake tree.
-    return Sysfs(state(ctx).root)
 
 
 def _json(ctx: typer.Context, local: bool) -> bool:
@@ -61,7 +42,7 @@ def apply_cmd(
         spec = loads_spec(sys.stdin.read(), source="<stdin>")
     else:
         spec = load_spec(spec_file)
-    result = apply_spec(spec, _sysfs(ctx), udc=udc)
+    result = apply_spec(spec, state(ctx).kernel(), udc=udc)
     if _json(ctx, json_out):
         emit_json(_applied_dict(result))
         return
@@ -83,7 +64,7 @@ def remove_cmd(
     name: str = typer.Argument(..., help="Gadget name (directory under usb_gadget/)."),
 ) -> None:
     """Unbind and remove a gadget, in the order the kernel requires."""
-    remove_gadget(name, _sysfs(ctx))
+    remove_gadget(name, state(ctx).kernel())
     if state(ctx).json:
         emit_json({"name": name, "removed": True})
     else:
@@ -97,7 +78,7 @@ def list_cmd(
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """List the gadgets in configfs with their UDC and functions."""
-    sysfs = _sysfs(ctx)
+    sysfs = state(ctx).kernel()
     Configfs(sysfs).require()
     gadgets = [read_gadget(n, sysfs) for n in list_gadgets(sysfs)]
     if _json(ctx, json_out):
@@ -131,7 +112,7 @@ def show_cmd(
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Show a gadget: ids, strings, configs, functions and their attributes."""
-    g = read_gadget(name, _sysfs(ctx))
+    g = read_gadget(name, state(ctx).kernel())
     if _json(ctx, json_out):
         emit_json(spec_to_dict(g))
         return
@@ -173,7 +154,7 @@ def save_cmd(
                                       help="Write to FILE, not stdout."),
 ) -> None:
     """Write a live gadget as a spec that `gadget apply` turns back into the same tree."""
-    text = dump_spec(save_gadget(name, _sysfs(ctx)))
+    text = dump_spec(save_gadget(name, state(ctx).kernel()))
     if output is None:
         typer.echo(text, nl=False)
         return
@@ -191,7 +172,7 @@ def udc_cmd(
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """List the UDCs (/sys/class/udc) and which gadget holds each."""
-    udcs = list_udcs(_sysfs(ctx))
+    udcs = list_udcs(state(ctx).kernel())
     if _json(ctx, json_out):
         emit_json([_udc_dict(u) for u in udcs])
         return

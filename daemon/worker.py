@@ -36,7 +36,8 @@ from usbipx.client import export_prepared, unexport_device
 from usbipx.daemon.supervisor import Job, State
 from usbipx.driver import DeviceDriver, ExportStatus, driver_of_lease
 from usbipx.errors import DeviceBusy, DeviceNotFound, UsbipError
-from usbipx.gadget.configfs import gadget_on_udc, read_gadget
+from usbipx.gadget.live import read_gadget
+from usbipx.gadget.udc import gadget_on_udc
 from usbipx.gadget.vudc import VudcDriver
 from usbipx.lease import Lease
 from usbipx.net import Keepalive

@@ -141,8 +141,8 @@ def _range(lo: int | None, hi: int | None) -> str:
     return f">= {lo}" if lo is not None else f"<= {hi}"
 
 
-_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
-_IFNAME = re.compile(r"^[A-Za-z0-9_.-]*%d[A-Za-z0-9_.-]*$")
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+_IFNAME = re.compile(r"[A-Za-z0-9_.-]*%d[A-Za-z0-9_.-]*")
 
 
 def _check_text(attr: Attr, value: str, key: str) -> str:
@@ -151,12 +151,12 @@ def _check_text(attr: Attr, value: str, key: str) -> str:
     if attr.kind is Kind.CHOICE and value not in attr.choices:
         raise _err(key, f"{value!r} is not one of {', '.join(attr.choices)}")
     if attr.kind is Kind.MAC:
-        if not _MAC.match(value):
+        if not _MAC.fullmatch(value):
             raise _err(key, f"{value!r} is not a MAC address like 02:00:00:00:00:01")
         if int(value[:2], 16) & 1:
             raise _err(key, f"{value} is a multicast address; the kernel wants a unicast one")
         return value.lower()
-    if attr.kind is Kind.IFNAME and (not _IFNAME.match(value) or len(value) > 15):
+    if attr.kind is Kind.IFNAME and (not _IFNAME.fullmatch(value) or len(value) > 15):
         raise _err(key, f"{value!r} must be an interface name pattern with one %d, "
                         "at most 15 characters (e.g. usb%d)")
     if attr.kind is Kind.PATH and value:

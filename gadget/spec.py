@@ -26,20 +26,21 @@ A spec describes one gadget under ``/sys/kernel/config/usb_gadget/<name>``::
 :func:`parse_spec` checks everything that can be checked without the kernel
 (names, ranges, backing files, references between configs and functions)
 and raises :class:`~usbipx.errors.ConfigError` naming the key at fault, so a
-bad spec never touches configfs.  :func:`dump_spec` writes the same format
-back (``gadget save``).
+bad spec never touches configfs.  :func:`usbipx.gadget.dump.dump_spec` writes
+the same format back (``gadget save``).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
-from usbipx.errors import ConfigError
+from usbipx.errors import ConfigError, ValidationError
 from usbipx.gadget import hid
 from usbipx.gadget.functions import (
     CONFIG_ATTRS,
@@ -58,15 +59,42 @@ from usbipx.gadget.functions import (
     function_type,
     generic,
 )
+from usbipx.names import GADGET_NAME
 from usbipx.tomlfile import read_toml
 
 LANG_EN_US = 0x409
-GADGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-FUNCTION_NAME = re.compile(r"^([A-Za-z0-9_]+)\.([A-Za-z0-9_-]+)$")
-CONFIG_LABEL = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
-UDC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+# Names that end up in configfs paths.  Always used with fullmatch: ``re.match``
+# with ``$`` accepts a trailing newline.
+FUNCTION_NAME = re.compile(r"([A-Za-z0-9_]+)\.([A-Za-z0-9_-]+)")
+CONFIG_LABEL = re.compile(r"[A-Za-z0-9_-]{1,32}")
+UDC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+_ATTR_NAME = re.compile(r"[A-Za-z0-9_]+")
 UDC_AUTO = "auto"
 UDC_NONE = "none"
+_GADGET_NAME_RULE = "letters, digits, _ and -, at most 64"
+
+
+def is_gadget_name(name: object) -> TypeGuard[str]:
+    """Whether ``name`` can name a gadget (its directory under usb_gadget/)."""
+    return isinstance(name, str) and GADGET_NAME.fullmatch(name) is not None
+
+
+def validate_gadget_name(name: str) -> str:
+    """Return ``name`` if it is a gadget name, else raise :class:`ValidationError`.
+
+    Every function that builds a configfs path from a gadget name calls this
+    first, so ``/srv/x`` or ``../x`` never becomes a path.
+    """
+    if not is_gadget_name(name):
+        raise ValidationError(f"{name!r} is not a gadget name ({_GADGET_NAME_RULE})")
+    return name
+
+
+def validate_udc_name(name: str) -> str:
+    """Return ``name`` if it can name a UDC (``dummy_udc.0``); :class:`ValidationError` if not."""
+    if not isinstance(name, str) or UDC_NAME.fullmatch(name) is None:
+        raise ValidationError(f"{name!r} is not a UDC name (e.g. dummy_udc.0 or usbip-vudc.0)")
+    return name
 
 Strings = Mapping[int, Mapping[str, str]]
 """Language id -> string name -> text, as under a ``strings/`` directory."""
@@ -95,17 +123,29 @@ class FunctionSpec:
 
 @dataclass(frozen=True)
 class ConfigSpec:
-    """One configuration ``configs/<label>.<number>`` and its linked functions, in order."""
+    """One configuration ``configs/<label>.<number>`` and its linked functions, in order.
+
+    ``links`` are the names of the symlinks in a live config, parallel to
+    ``functions`` (another tool may name them ``f1``, ``f2`` ...); empty means
+    named after the functions, as usbipx makes them.  They say nothing about
+    the device, so they take no part in comparing specs.
+    """
 
     number: int
     label: str = "c"
     attrs: Mapping[str, AttrValue] = field(default_factory=dict)
     strings: Strings = field(default_factory=dict)
     functions: tuple[str, ...] = ()
+    links: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def dirname(self) -> str:
         return f"{self.label}.{self.number}"
+
+    def linked(self) -> list[tuple[str, str]]:
+        """(link name, function name) of each link, oldest first."""
+        names = self.links or self.functions
+        return list(zip(names, self.functions, strict=True))
 
 
 @dataclass(frozen=True)
@@ -156,7 +196,9 @@ def _key(*parts: str | int) -> str:
     out = []
     for p in parts:
         s = str(p)
-        out.append(s if re.fullmatch(r"[A-Za-z0-9_-]+(\[[0-9]+\])?", s) else f'"{s}"')
+        # Quoted as a TOML basic string, escapes and all: an error stays one line.
+        out.append(s if re.fullmatch(r"[A-Za-z0-9_-]+(\[[0-9]+\])?", s)
+                   else json.dumps(s, ensure_ascii=False))
     return ".".join(out)
 
 
@@ -169,13 +211,13 @@ def _table(value: object, key: str) -> Mapping[str, Any]:
 def _parse(data: Mapping[str, Any]) -> GadgetSpec:
     data = _table(data, "spec")
     name = data.get("name")
-    if not isinstance(name, str) or not GADGET_NAME.match(name):
+    if not is_gadget_name(name):
         raise ConfigError(
-            f"name: {name!r} is not a gadget name (letters, digits, _ and -, at most 64)"
+            f"name: {name!r} is not a gadget name ({_GADGET_NAME_RULE})"
             if name is not None else "name: missing (the directory under usb_gadget/)"
         )
     udc = data.get("udc")
-    if udc is not None and (not isinstance(udc, str) or not UDC_NAME.match(udc)):
+    if udc is not None and (not isinstance(udc, str) or not UDC_NAME.fullmatch(udc)):
         raise ConfigError(f"udc: {udc!r} is not a UDC name (e.g. dummy_udc.0), auto or none")
 
     attrs = _parse_attrs(data, GADGET_ATTRS, (), {"name", "udc", "strings", "configs",
@@ -212,6 +254,37 @@ def check_bindable(configs: tuple[ConfigSpec, ...] | list[ConfigSpec], why: str)
                               "in every configuration (the kernel refuses to bind)")
 
 
+def check_names(spec: GadgetSpec) -> None:
+    """Raise :class:`ValidationError` unless every name in ``spec`` that becomes part of a
+    configfs path is valid: the gadget, its functions, configs, LUNs and UDC.
+
+    :func:`parse_spec` checks all of this with the key at fault; this is for specs
+    built in code, checked again before anything reaches configfs.
+    """
+    validate_gadget_name(spec.name)
+    if spec.udc is not None and spec.udc not in (UDC_AUTO, UDC_NONE):
+        validate_udc_name(spec.udc)
+    for key, f in spec.functions.items():
+        if key != f.name or FUNCTION_NAME.fullmatch(f.name) is None:
+            raise ValidationError(f"gadget {spec.name}: {f.name!r} is not a function name "
+                                  "(<type>.<instance>)")
+        if any(not 0 <= n < MAX_LUNS for n in f.luns):
+            raise ValidationError(f"gadget {spec.name}: {f.name} has a LUN out of 0..15")
+        for attrs in (f.attrs, *f.luns.values()):
+            for k in attrs:
+                if _ATTR_NAME.fullmatch(k) is None:
+                    raise ValidationError(f"gadget {spec.name}: {f.name}: {k!r} is not "
+                                          "a configfs attribute name")
+    for c in spec.configs:
+        if CONFIG_LABEL.fullmatch(c.label) is None or not 1 <= c.number <= 255:
+            raise ValidationError(f"gadget {spec.name}: {c.dirname!r} is not a config "
+                                  "(<label>.<1..255>)")
+        for fname in c.functions:
+            if fname not in spec.functions:
+                raise ValidationError(f"gadget {spec.name}: config {c.dirname} links "
+                                      f"{fname!r}, which is not one of its functions")
+
+
 def _parse_attrs(body: Mapping[str, Any], catalogue: tuple[GadgetAttr, ...],
                  prefix: tuple[str | int, ...], other_keys: set[str]) -> dict[str, AttrValue]:
     """Device or config attributes by spec key (id_vendor) or configfs name (idVendor)."""
@@ -234,7 +307,7 @@ def _parse_attrs(body: Mapping[str, Any], catalogue: tuple[GadgetAttr, ...],
     return out
 
 
-_LANG = re.compile(r"^0x[0-9a-fA-F]{1,4}$")
+_LANG = re.compile(r"0x[0-9a-fA-F]{1,4}")
 
 
 def _parse_strings(body: object, names: tuple[str, ...],
@@ -244,7 +317,7 @@ def _parse_strings(body: object, names: tuple[str, ...],
     out: dict[int, dict[str, str]] = {}
     for k, v in table.items():
         if isinstance(v, Mapping):
-            if not _LANG.match(k) or int(k, 16) == 0:
+            if not _LANG.fullmatch(k) or int(k, 16) == 0:
                 raise ConfigError(f"{_key(*prefix, k)}: not a language id like \"0x409\"")
             lang = int(k, 16)
             for sk, sv in v.items():
@@ -277,7 +350,7 @@ def _parse_config(body: object, i: int, functions: Mapping[str, FunctionSpec]) -
         raise ConfigError(f"{_key(*prefix, 'number')}: "
                           + ("missing" if number is None else f"{number!r} is not 1..255"))
     label = table.get("label", "c")
-    if not isinstance(label, str) or not CONFIG_LABEL.match(label):
+    if not isinstance(label, str) or not CONFIG_LABEL.fullmatch(label):
         raise ConfigError(f"{_key(*prefix, 'label')}: {label!r} is not a config label "
                           "(letters, digits, _ and -)")
     attrs = _parse_attrs(table, CONFIG_ATTRS, prefix,
@@ -301,13 +374,13 @@ def _parse_config(body: object, i: int, functions: Mapping[str, FunctionSpec]) -
                       functions=tuple(funcs))
 
 
-_LUN_KEY = re.compile(r"^lun\.([0-9]+)$")
+_LUN_KEY = re.compile(r"lun\.([0-9]+)")
 
 
 def _parse_function(name: str, body: object) -> FunctionSpec:
     prefix = ("functions", name)
     key = _key(*prefix)
-    m = FUNCTION_NAME.match(name)
+    m = FUNCTION_NAME.fullmatch(name)
     if not m:
         raise ConfigError(f"{key}: a function is named <type>.<instance> as in configfs "
                           "(e.g. \"acm.usb0\"; letters, digits, _ and -)")
@@ -328,7 +401,7 @@ def _parse_function(name: str, body: object) -> FunctionSpec:
 
     raw_luns: dict[int, tuple[tuple[str | int, ...], object]] = {}
     for k in list(table):
-        lm = _LUN_KEY.match(k)
+        lm = _LUN_KEY.fullmatch(k)
         if k == "lun" and isinstance(table[k], Mapping):
             for n, lbody in table.pop(k).items():
                 if not str(n).isdigit():
@@ -366,7 +439,7 @@ def _parse_function(name: str, body: object) -> FunctionSpec:
 
 
 def _function_attr(ftype: FunctionType | None, name: str, path: tuple[str | int, ...]) -> Attr:
-    if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+    if not _ATTR_NAME.fullmatch(name):
         raise ConfigError(f"{_key(*path)}: not a configfs attribute name")
     if ftype is None:
         return generic(name)
@@ -381,143 +454,9 @@ def _function_attr(ftype: FunctionType | None, name: str, path: tuple[str | int,
                       f"(known: {known}{extra})")
 
 
-# ---------------------------------------------------------------- writing back
-
-def spec_to_dict(spec: GadgetSpec, *, binary: str = "hex") -> dict[str, Any]:
-    """The spec as plain data in the TOML layout (bytes as hex text), for TOML or JSON."""
-    out: dict[str, Any] = {"name": spec.name}
-    if spec.udc is not None:
-        out["udc"] = spec.udc
-    for g in GADGET_ATTRS:
-        if g.attr.name in spec.attrs:
-            out[g.key] = spec.attrs[g.attr.name]
-    if spec.strings:
-        out["strings"] = _strings_to_dict(spec.strings)
-    if spec.configs:
-        out["configs"] = [_config_to_dict(c) for c in spec.configs]
-    if spec.functions:
-        out["functions"] = {f.name: _function_to_dict(f) for f in spec.functions.values()}
-    return out
-
-
-def _strings_to_dict(strings: Strings) -> dict[str, Any]:
-    out: dict[str, Any] = dict(strings.get(LANG_EN_US, {}))
-    for lang, table in sorted(strings.items()):
-        if lang != LANG_EN_US:
-            out[f"0x{lang:04x}"] = dict(table)
-    return out
-
-
-def _config_to_dict(c: ConfigSpec) -> dict[str, Any]:
-    out: dict[str, Any] = {"number": c.number}
-    if c.label != "c":
-        out["label"] = c.label
-    for g in CONFIG_ATTRS:
-        if g.attr.name in c.attrs:
-            out[g.key] = c.attrs[g.attr.name]
-    strings = {k: dict(v) for k, v in c.strings.items()}
-    en = strings.pop(LANG_EN_US, {})
-    if "configuration" in en:
-        out["configuration"] = en["configuration"]
-    out["functions"] = list(c.functions)
-    if strings:
-        out["strings"] = {f"0x{lang:04x}": t for lang, t in sorted(strings.items())}
-    return out
-
-
-def _value(v: AttrValue) -> Any:
-    return " ".join(f"{b:02x}" for b in v) if isinstance(v, bytes) else v
-
-
-def _function_to_dict(f: FunctionSpec) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    attrs = dict(f.attrs)
-    if f.type == "hid":
-        preset = hid.preset_matching(attrs)
-        if preset is not None:
-            out["preset"] = preset.name
-            for k in preset.attrs():
-                attrs.pop(k)
-    out.update({k: _value(v) for k, v in attrs.items()})
-    if f.luns:
-        out["lun"] = {str(n): {k: _value(v) for k, v in lun.items()}
-                      for n, lun in sorted(f.luns.items())}
-    return out
-
-
-def dump_spec(spec: GadgetSpec) -> str:
-    """The spec as TOML text that :func:`loads_spec` reads back to an equal spec."""
-    d = spec_to_dict(spec)
-    lines: list[str] = []
-    scalars = {k: v for k, v in d.items() if k not in ("strings", "configs", "functions")}
-    lines += [f"{k} = {_toml(k, v)}" for k, v in scalars.items()]
-    if "strings" in d:
-        _table_lines(lines, "strings", d["strings"])
-    for c in d.get("configs", []):
-        lines += ["", "[[configs]]"]
-        nested = {k: v for k, v in c.items() if isinstance(v, dict)}
-        lines += [f"{k} = {_toml(k, v)}" for k, v in c.items() if k not in nested]
-        for k, v in nested.items():
-            _table_lines(lines, f"configs.{k}", v)
-    for fname, fbody in d.get("functions", {}).items():
-        header = f"functions.{_tkey(fname)}"
-        luns = fbody.pop("lun", {})
-        _table_lines(lines, header, fbody, always=True)
-        for n, lbody in luns.items():
-            _table_lines(lines, f"{header}.lun.{n}", lbody, always=True)
-    return "\n".join(lines).lstrip("\n") + "\n"
-
-
-_HEX_KEYS = {"id_vendor", "id_product", "bcd_device", "bcd_usb", "device_class",
-             "device_subclass", "device_protocol", "bm_attributes", "class", "subclass",
-             "protocol"}
-
-
-def _table_lines(lines: list[str], header: str, body: Mapping[str, Any],
-                 always: bool = False) -> None:
-    scalars = {k: v for k, v in body.items() if not isinstance(v, Mapping)}
-    if scalars or always:
-        lines += ["", f"[{header}]"]
-        lines += [f"{_tkey(k)} = {_toml(k, v)}" for k, v in scalars.items()]
-    for k, v in body.items():
-        if isinstance(v, Mapping):
-            _table_lines(lines, f"{header}.{_tkey(k)}", v, always=True)
-
-
-def _tkey(k: str) -> str:
-    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_str(k)
-
-
-def _toml(key: str, v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        if key in _HEX_KEYS and v >= 0:
-            return f"0x{v:04x}" if key.startswith(("id_", "bcd_")) else f"0x{v:02x}"
-        return str(v)
-    if isinstance(v, str):
-        return _toml_str(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml(key, x) for x in v) + "]"
-    raise TypeError(f"cannot write {v!r} as TOML")
-
-
-def _toml_str(s: str) -> str:
-    out = ['"']
-    for ch in s:
-        if ch in ('"', "\\"):
-            out.append("\\" + ch)
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
 # Attribute kinds exported for callers that format values (show, JSON).
 __all__ = [
     "LANG_EN_US", "UDC_AUTO", "UDC_NONE", "ConfigSpec", "FunctionSpec", "GadgetSpec",
-    "Kind", "check_bindable", "dump_spec", "load_spec", "loads_spec", "parse_spec",
-    "spec_to_dict",
+    "Kind", "check_bindable", "check_names", "is_gadget_name", "load_spec", "loads_spec",
+    "parse_spec", "validate_gadget_name", "validate_udc_name",
 ]

@@ -29,14 +29,13 @@ from usbipx.errors import (
 )
 from usbipx.hostcommon import ExportingDriver
 from usbipx.lease import VUDC, Lease
-from usbipx.names import VUDC_NAME, is_vudc_busid, validate_busid, validate_gadget_name, vudc_index
+from usbipx.names import VUDC_NAME, is_vudc_busid, validate_busid, vudc_index
 from usbipx.protocol import Speed, UsbDevice
 
 if TYPE_CHECKING:
     from usbipx.gadget.spec import GadgetSpec
 
 PLATFORM = "/sys/devices/platform"
-UDC_CLASS = "/sys/class/udc"
 VUDC_DRIVER = VUDC
 _DEV_DESC = struct.Struct("<BBHBBBBHHHBBBB")
 USB_DT_DEVICE = 0x01
@@ -90,9 +89,10 @@ class VudcDriver(ExportingDriver):
 
     def gadget_of(self, busid: str) -> str | None:
         """Name of the gadget bound to the vUDC, or None."""
+        from usbipx.gadget.udc import gadget_on_udc
+
         self.device_dir(busid)
-        name = self.sysfs.read_optional(f"{UDC_CLASS}/{busid}/function")
-        return name or None
+        return gadget_on_udc(busid, self.sysfs)
 
     def read_device(self, busid: str) -> LocalDevice:
         """The record of the gadget bound to ``busid``; :class:`NoGadget` if none is."""
@@ -107,7 +107,7 @@ class VudcDriver(ExportingDriver):
          _imf, _iprod, _iser, nconf) = _DEV_DESC.unpack(raw[: _DEV_DESC.size])
         if dtype != USB_DT_DEVICE:
             raise UsbipError(f"{busid}: dev_desc is not a device descriptor")
-        speed = _SPEEDS.get(self.sysfs.read_optional(f"{UDC_CLASS}/{busid}/current_speed"),
+        speed = _SPEEDS.get(self.sysfs.read_optional(f"/sys/class/udc/{busid}/current_speed"),
                             Speed.UNKNOWN)
         record = UsbDevice(
             path=devdir, busid=busid, busnum=0, devnum=0, speed=speed,
@@ -148,18 +148,20 @@ class VudcDriver(ExportingDriver):
     def claim_gadget(self, name: str, held: Lease | None = None) -> Lease:
         """A lease on gadget ``name`` before it is provisioned: ``created_here``
         if it does not exist yet.  Changes nothing, so it can be recorded first."""
+        from usbipx.gadget.configfs import Configfs
+        from usbipx.gadget.spec import validate_gadget_name
+
         validate_gadget_name(name)
         if held is not None and held.gadget == name:
             return held
-        from usbipx.gadget.configfs import Configfs
 
         return Lease(VUDC, None, gadget=name, created_here=not Configfs(self.sysfs).exists(name))
 
     def provision(self, lease: Lease, spec: GadgetSpec, udc: str | None) -> Lease:
         """Build or converge the leased gadget from ``spec`` and bind it to ``udc``
         (a vUDC name, or a free one); the lease with the vUDC it got."""
-        from usbipx.gadget.configfs import apply_spec
         from usbipx.gadget.spec import UDC_AUTO
+        from usbipx.gadget.transaction import apply_spec
 
         if spec.name != lease.gadget:
             raise ValidationError(f"lease is for gadget {lease.gadget}, not {spec.name}")
@@ -174,7 +176,8 @@ class VudcDriver(ExportingDriver):
             raise ValidationError(f"not a {VUDC_DRIVER} lease: {lease}")
         if not lease.created_here or lease.gadget is None:
             return
-        from usbipx.gadget.configfs import Configfs, remove_gadget
+        from usbipx.gadget.configfs import Configfs
+        from usbipx.gadget.transaction import remove_gadget
 
         if Configfs(self.sysfs).exists(lease.gadget):
             remove_gadget(lease.gadget, self.sysfs)

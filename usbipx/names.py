@@ -55,12 +55,3 @@ def vudc_index(name: str) -> int:
         raise ValidationError(f"{name!r} is not a vUDC name (usbip-vudc.N)")
     return int(name[len(VUDC_PREFIX):])
 
-
-def validate_gadget_name(name: str) -> str:
-    """Return ``name`` if it may name a gadget; it becomes a configfs directory name."""
-    if not GADGET_NAME.fullmatch(name):
-        raise ValidationError(
-            f"bad gadget name {name!r}: 1-64 letters, digits, '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return name

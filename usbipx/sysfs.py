@@ -175,3 +175,31 @@ class Sysfs:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise kernel_error(exc, str(rel)) from exc
+
+    # -- configfs listings: order and entry types matter there --------------
+
+    def listdir_unsorted(self, rel: str | PurePosixPath) -> list[str]:
+        """Entries of a directory in the order the filesystem lists them; empty if missing.
+
+        configfs lists the newest entry first, the only record of the order
+        links were made in (see :mod:`usbipx.gadget.configfs`).
+        """
+        try:
+            return os.listdir(self.path(rel))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise kernel_error(exc, str(rel), "list") from exc
+
+    def is_symlink(self, rel: str | PurePosixPath) -> bool:
+        """Whether ``rel`` itself is a symlink (a configfs link into functions/)."""
+        return self.path(rel).is_symlink()
+
+    def lmode(self, rel: str | PurePosixPath) -> int:
+        """``st_mode`` of ``rel`` itself, not of what a symlink points to."""
+        try:
+            return os.lstat(self.path(rel)).st_mode
+        except FileNotFoundError as exc:
+            raise DeviceNotFound(f"{rel} does not exist") from exc
+        except OSError as exc:
+            raise kernel_error(exc, str(rel), "stat") from exc

@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import select
+import shutil
 import struct
 import subprocess
 import sys
@@ -38,16 +39,11 @@ from loguru import logger
 
 from usbipx.errors import DeviceBusy
 from usbipx.gadget import hid
-from usbipx.gadget.configfs import (
-    GadgetApplyError,
-    apply_spec,
-    gadget_on_udc,
-    list_gadgets,
-    list_udcs,
-    remove_gadget,
-    save_gadget,
-)
-from usbipx.gadget.spec import dump_spec, loads_spec
+from usbipx.gadget.dump import dump_spec
+from usbipx.gadget.live import list_gadgets, save_gadget
+from usbipx.gadget.spec import loads_spec
+from usbipx.gadget.transaction import GadgetApplyError, apply_spec, remove_gadget
+from usbipx.gadget.udc import gadget_on_udc, list_udcs
 from usbipx.sysfs import Sysfs
 
 pytestmark = pytest.mark.kernel
@@ -422,3 +418,34 @@ def test_cli_end_to_end(tmp_path, disk):
     assert r.stderr.startswith("usbipx: error: gadget cli2: step ") and r.stderr.count("\n") == 1
     assert "ENOENT (No such file or directory)" in r.stderr
     assert whole_configfs() == before
+
+
+def test_a_path_given_as_gadget_name_is_refused():
+    """`gadget remove /tmp/x` used to write /tmp/x/UDC and rmdir under /tmp/x;
+    `gadget remove ../x` ended in a traceback."""
+    target = Path("/tmp/x")
+    shutil.rmtree(target, ignore_errors=True)
+    (target / "strings" / "0x409").mkdir(parents=True)
+    (target / "UDC").write_text("dummy_udc.0\n")
+    before = whole_configfs()
+
+    def stamps() -> list[int]:
+        # A write undone, or a directory removed and made again, still moves these.
+        return [os.stat(p).st_mtime_ns for p in (target, target / "UDC", target / "strings",
+                                                 target / "strings" / "0x409")]
+
+    untouched = stamps()
+    try:
+        for name in ("/tmp/x", "../x"):
+            r = subprocess.run([USBIPX, "gadget", "remove", name], capture_output=True,
+                               text=True, timeout=120)
+            assert r.returncode != 0 and r.stdout == "", r
+            assert r.stderr.startswith("usbipx: error: ") and r.stderr.count("\n") == 1, r.stderr
+            assert f"{name!r} is not a gadget name" in r.stderr
+            assert (target / "UDC").read_text() == "dummy_udc.0\n"
+            assert sorted(os.listdir(target)) == ["UDC", "strings"]
+            assert os.listdir(target / "strings") == ["0x409"]
+            assert stamps() == untouched
+        assert whole_configfs() == before
+    finally:
+        shutil.rmtree(target, ignore_errors=True)

@@ -1,15 +1,17 @@
-"""``usbipx gadget ...`` through typer's CliRunner, with USBIPX_ROOT on a fake configfs."""
+"""``usbipx gadget ...`` through typer's CliRunner, on a fake configfs injected as State(sysfs=...)."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from fakeconfigfs import GADGETS, FakeConfigfs, snapshot
 from typer.testing import CliRunner
 
-import usbipx.cli.gadget as cli_gadget
+from usbipx.cli.common import State
 from usbipx.cli.main import app
+from usbipx.sysfs import Sysfs
 
 ROOT = "/fake"
 SPEC = """
@@ -37,34 +39,28 @@ preset = "keyboard"
 """
 
 
+INJECTED: Sysfs | None = None
+"""The kernel ``run`` injects, as the other commands' tests do (State.kernel())."""
+
+
 @pytest.fixture
 def k(fs, monkeypatch) -> FakeConfigfs:
     fs.create_file("/img/disk.img", contents=b"\0" * 4096)
     fs.create_file("/specs/demo.toml", contents=SPEC)
     kernel = FakeConfigfs.build(fs, ROOT)
-    roots = []
-
-    def sysfs_at(root: str) -> FakeConfigfs:
-        roots.append(root)
-        assert root == ROOT  # the CLI honours USBIPX_ROOT
-        return kernel
-
-    # The CLI builds Sysfs(USBIPX_ROOT); give it the fake kernel at that root.
-    monkeypatch.setattr(cli_gadget, "Sysfs", sysfs_at)
-    monkeypatch.setenv("USBIPX_ROOT", ROOT)
-    kernel.roots = roots  # type: ignore[attr-defined]
+    monkeypatch.setitem(globals(), "INJECTED", kernel)
     return kernel
 
 
 def run(*args: str, input: str | None = None):
-    return CliRunner().invoke(app, list(args), input=input)
+    obj = State(sysfs=INJECTED) if INJECTED is not None else None
+    return CliRunner().invoke(app, list(args), input=input, obj=obj)
 
 
 def test_apply_then_apply_again_is_unchanged(k):
     r = run("gadget", "apply", "/specs/demo.toml")
     assert r.exit_code == 0, r.output
     assert r.stdout.strip().startswith("gadget demo: created, bound to dummy_udc.0 (")
-    assert k.roots == [ROOT]
     ops = len(k.ops)
     r = run("gadget", "apply", "/specs/demo.toml")
     assert r.exit_code == 0 and r.stdout == "gadget demo: unchanged, bound to dummy_udc.0\n"
@@ -162,3 +158,36 @@ def test_missing_configfs_is_reported(fs, monkeypatch):
     assert r.exit_code == 1
     assert r.stderr == ("usbipx: error: kernel module libcomposite is not loaded (run: modprobe "
                         "libcomposite) (and configfs mounted at /sys/kernel/config)\n")
+
+
+def test_the_injected_kernel_is_used_not_one_of_its_own(k):
+    """No USBIPX_ROOT: only the injected Sysfs (rooted at /fake) has a configfs."""
+    assert run("gadget", "apply", "/specs/demo.toml").exit_code == 0
+    for args in (("gadget", "list", "--json"), ("gadget", "show", "demo"),
+                 ("gadget", "save", "demo"), ("gadget", "udc", "--json")):
+        r = run(*args)
+        assert r.exit_code == 0, (args, r.output)
+    assert json.loads(run("gadget", "list", "--json").stdout)[0]["name"] == "demo"
+    assert run("gadget", "remove", "demo").exit_code == 0
+    assert not k.path(f"{GADGETS}/demo").exists()
+
+
+@pytest.mark.parametrize("command", ["remove", "show", "save"])
+@pytest.mark.parametrize("name", ["/srv/x", "../x", "demo/../../../srv/x", "demo\n"])
+def test_a_name_that_is_not_a_gadget_name_is_refused(k, fs, command, name):
+    """``gadget remove /srv/x`` used to write /srv/x/UDC and rmdir under it."""
+    fs.create_file(f"{ROOT}/srv/x/UDC", contents=b"dummy_udc.0\n")
+    fs.create_dir(f"{ROOT}/srv/x/strings/0x409")
+    fs.create_file("/srv/x/UDC", contents=b"dummy_udc.0\n")
+    fs.create_dir("/srv/x/strings/0x409")
+    run("gadget", "apply", "/specs/demo.toml")
+    before = snapshot(k)
+    r = run("gadget", command, name)
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("usbipx: error: ") and "is not a gadget name" in r.stderr
+    assert r.stderr.count("\n") == 1 and r.stdout == ""
+    assert snapshot(k) == before
+    for base in (f"{ROOT}/srv/x", "/srv/x"):
+        with open(f"{base}/UDC", "rb") as fh:
+            assert fh.read() == b"dummy_udc.0\n"
+        assert os.listdir(f"{base}/strings") == ["0x409"]

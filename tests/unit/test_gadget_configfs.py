@@ -19,20 +19,14 @@ from usbipx.errors import (
     KernelError,
     ModuleNotLoaded,
     UsbipError,
+    ValidationError,
 )
 from usbipx.gadget import hid
-from usbipx.gadget.configfs import (
-    GadgetApplyError,
-    apply_spec,
-    choose_udc,
-    gadget_on_udc,
-    list_gadgets,
-    list_udcs,
-    read_gadget,
-    remove_gadget,
-    save_gadget,
-)
-from usbipx.gadget.spec import dump_spec, load_spec, loads_spec
+from usbipx.gadget.dump import dump_spec
+from usbipx.gadget.live import list_gadgets, read_gadget, save_gadget
+from usbipx.gadget.spec import load_spec, loads_spec
+from usbipx.gadget.transaction import GadgetApplyError, apply_spec, remove_gadget
+from usbipx.gadget.udc import choose_udc, gadget_on_udc, list_udcs
 
 ROOT = "/fake"
 G = f"{GADGETS}/demo"
@@ -404,8 +398,9 @@ def test_remove_tears_down_in_the_kernel_order(k):
     ops = [op.split("=")[0].replace(G, "") for op in k.ops[start:]]
     assert ops == [
         "write /UDC",
-        "unlink /configs/c.1/mass_storage.disk", "unlink /configs/c.1/acm.tty",
-        "unlink /configs/c.1/hid.kbd",
+        # newest link first, so that a rollback makes them again in interface order
+        "unlink /configs/c.1/hid.kbd", "unlink /configs/c.1/acm.tty",
+        "unlink /configs/c.1/mass_storage.disk",
         "rmdir /configs/c.1/strings/0x409", "rmdir /configs/c.1",
         "rmdir /functions/mass_storage.disk/lun.1", "rmdir /functions/mass_storage.disk",
         "rmdir /functions/acm.tty", "rmdir /functions/hid.kbd",
@@ -524,6 +519,80 @@ def test_example_specs_build_and_bind(fs, example):
     k = FakeConfigfs.build(fs, ROOT)
     spec = load_spec(EXAMPLES / example)
     result = apply_spec(spec, k, udc="auto")
-    assert result.udc == "usbip-vudc.0" or spec.udc == result.udc
+    # --udc auto overrides the spec's udc; on a fresh tree it takes the first free vUDC
+    assert result.udc == "usbip-vudc.0"
+    assert read_gadget(spec.name, k).udc == "usbip-vudc.0"
+    assert gadget_on_udc("usbip-vudc.0", k) == spec.name
     assert not apply_spec(spec, k, udc="auto").changed
     assert not apply_spec(loads_spec(dump_spec(save_gadget(spec.name, k))), k).changed
+
+
+# ---------------------------------------------------------------- gadget names are checked
+
+BAD_NAMES = ["/srv/x", "../x", "x/../../srv/x", "demo\n", "a/b", "", ".", "x" * 65, "-x"]
+
+
+def _outside_tree(fs) -> dict[str, object]:
+    """A directory outside configfs that looks like a gadget: UDC file and a sub-directory."""
+    fs.create_file(f"{ROOT}/srv/x/UDC", contents=b"dummy_udc.0\n")
+    fs.create_dir(f"{ROOT}/srv/x/strings/0x409")
+    fs.create_file(f"{ROOT}/sys/kernel/config/x/UDC", contents=b"dummy_udc.0\n")
+    fs.create_dir(f"{ROOT}/sys/kernel/config/x/configs")
+    return _listing(f"{ROOT}/srv", f"{ROOT}/sys/kernel/config/x")
+
+
+def _listing(*dirs: str) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for d in dirs:
+        for dirpath, dirnames, filenames in os.walk(d):
+            for n in dirnames:
+                out[os.path.join(dirpath, n)] = "dir"
+            for n in filenames:
+                out[os.path.join(dirpath, n)] = Path(dirpath, n).read_bytes()
+    return out
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_a_gadget_name_that_is_not_one_is_refused_before_any_path_is_built(k, fs, name):
+    apply_spec(loads_spec(DEMO), k)
+    before, outside, n_ops = snapshot(k), _outside_tree(fs), len(k.ops)
+    for call in (lambda: read_gadget(name, k), lambda: save_gadget(name, k),
+                 lambda: remove_gadget(name, k),
+                 lambda: apply_spec(replace(loads_spec(DEMO), name=name, udc=None), k)):
+        with pytest.raises(ValidationError, match="is not a gadget name"):
+            call()
+    assert snapshot(k) == before and len(k.ops) == n_ops
+    assert _listing(f"{ROOT}/srv", f"{ROOT}/sys/kernel/config/x") == outside
+
+
+@pytest.mark.parametrize("udc", ["../x", "dummy_udc.0\n", "/sys/class/udc/dummy_udc.0", ""])
+def test_a_udc_name_that_is_not_one_is_refused(k, udc):
+    apply_spec(loads_spec(DEMO), k)
+    before = snapshot(k)
+    with pytest.raises(ValidationError, match="is not a UDC name"):
+        gadget_on_udc(udc, k)
+    with pytest.raises(ValidationError, match="is not a UDC name"):
+        apply_spec(loads_spec(DEMO), k, udc=udc)
+    assert snapshot(k) == before
+
+
+def test_a_rolled_back_unlink_keeps_the_interface_order(fs, disks):
+    """configfs numbers a config's interfaces in the order its links were made: undoing
+    unlinks must make them again in that order, or the rolled-back gadget is another device."""
+    order = ("mass_storage.disk", "acm.tty", "hid.kbd")
+    changed = demo(**{'preset = "keyboard"': 'preset = "mouse"'})
+    for i, (target, fail_on) in enumerate([
+            (None, "rmdir"),  # remove: fails after every link is gone
+            (changed, "write")]):  # converge: fails after the relink's unlinks
+        k = FakeConfigfs.build(fs, f"/order{i}")
+        apply_spec(loads_spec(DEMO), k)
+        assert read_gadget("demo", k).configs[0].functions == order
+        k.fail_when = lambda op, path, fail_on=fail_on: errno.EIO if op == fail_on else None
+        with pytest.raises(GadgetApplyError) as info:
+            if target is None:
+                remove_gadget("demo", k)
+            else:
+                apply_spec(loads_spec(target), k)
+        assert info.value.rollback_errors == []
+        k.fail_when = None
+        assert read_gadget("demo", k).configs[0].functions == order

@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 
 from usbipx.errors import ConfigError
 from usbipx.gadget import hid
+from usbipx.gadget.dump import dump_spec
 from usbipx.gadget.spec import (
     ConfigSpec,
     FunctionSpec,
     GadgetSpec,
-    dump_spec,
     load_spec,
     loads_spec,
     parse_spec,
@@ -328,3 +328,24 @@ def specs(draw: st.DrawFn) -> GadgetSpec:
 def test_dump_spec_reads_back_to_the_same_spec(spec):
     text = dump_spec(spec)
     assert loads_spec(text) == spec, text
+
+
+# ---------------------------------------------------------------- names: the whole string
+
+# A pattern anchored with ``$`` and used with ``re.match`` accepts a trailing newline;
+# each of these names ends up in a configfs path (or is written to UDC), so none may.
+ACM = '[[configs]]\nnumber = 1\nfunctions = ["acm.a"]\n[functions."acm.a"]\n'
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (BASE.replace('"g1"', '"g1\\n"'), "name: 'g1\\n' is not a gadget name"),
+    (BASE + ACM.replace("number = 1\n", 'number = 1\nlabel = "c\\n"\n'),
+     "configs[0].label: 'c\\n' is not a config label"),
+    (BASE + '[functions."acm.a\\n"]\n', 'functions."acm.a\\n": a function is named'),
+    (BASE + 'udc = "dummy_udc.0\\n"\n' + ACM, "udc: 'dummy_udc.0\\n' is not a UDC name"),
+    (BASE + '[strings."0x409\\n"]\nproduct = "x"\n', 'strings."0x409\\n": not a language id'),
+    (BASE + '[functions."mass_storage.m"]\n"lun.0\\n" = {}\n',
+     'functions."mass_storage.m"."lun.0\\n": not a configfs attribute name'),
+])
+def test_a_name_with_a_trailing_newline_is_refused(text, expected):
+    assert expected in error_of(text)

@@ -42,7 +42,9 @@ from usbipx.daemon.supervisor import Job
 from usbipx.daemon.usbipa import UsbipaHandler
 from usbipx.daemon.worker import Backoff, clean_leftovers, records
 from usbipx.errors import UsbipError
-from usbipx.gadget.configfs import apply_spec, gadget_on_udc, list_gadgets
+from usbipx.gadget.live import list_gadgets
+from usbipx.gadget.transaction import apply_spec
+from usbipx.gadget.udc import gadget_on_udc
 from usbipx.lease import Lease
 from usbipx.ownership import Owned
 from usbipx.stubmode.host import HostDriver
