@@ -7,13 +7,18 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import typer
 
-from usbipx.errors import UsbipError
+from usbipx.errors import UsbipError, ValidationError
 from usbipx.net import DEFAULT_KEEPALIVE, USBIP_PORT, Keepalive
 from usbipx.sysfs import Sysfs
+from usbipx.url import parse_endpoint
+
+if TYPE_CHECKING:
+    from usbipx.tlsconf import TlsFiles
+    from usbipx.transport import DataPath, Remote
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -82,3 +87,44 @@ KEEPALIVE_HELP = (
 def keepalive(text: str | None) -> Keepalive:
     """The --keepalive option's value, or the defaults."""
     return Keepalive.parse(text) if text else DEFAULT_KEEPALIVE
+
+
+CERT = typer.Option(None, "--cert", metavar="FILE",
+                    help="This end's TLS certificate, for tls:// (or USBIPX_CERT).")
+KEY = typer.Option(None, "--key", metavar="FILE",
+                   help="Its private key, mode 0600 (or USBIPX_KEY).")
+CA = typer.Option(None, "--ca", metavar="FILE",
+                  help="CA the peer's certificate must chain to (or USBIPX_CA).")
+TLS_DATA = typer.Option(
+    "auto", "--tls-data", metavar="auto|ktls|relay",
+    help="TLS data path: kernel TLS where it works (auto), or forced.")
+REMOTE_HELP = "HOST, tcp://HOST[:PORT] or tls://HOST[:PORT] (mutual TLS: --cert --key --ca)."
+
+
+def tls_files(cert: str | None, key: str | None, ca: str | None) -> TlsFiles | None:
+    """The TLS files given as options or in the environment (None if none is)."""
+    from usbipx.tlsconf import TlsFiles
+
+    return TlsFiles.from_options(cert, key, ca)
+
+
+def remote(st: State, text: str, cert: str | None = None, key: str | None = None,
+           ca: str | None = None, keepalive_opt: str | None = None,
+           tls_data: str = "auto") -> Remote:
+    """The peer ``-r`` names, with the TLS files and timers to reach it."""
+    from usbipx.transport import Remote
+
+    endpoint = parse_endpoint(text, st.tcp_port)
+    files = tls_files(cert, key, ca) if endpoint.secure else None
+    return Remote(endpoint, files, keepalive(keepalive_opt), data_path=data_path(tls_data))
+
+
+def data_path(tls_data: str) -> DataPath:
+    """The ``--tls-data`` option's value."""
+    path = _DATA_PATHS.get(tls_data)
+    if path is None:
+        raise ValidationError(f"--tls-data must be auto, ktls or relay, not {tls_data!r}")
+    return path
+
+
+_DATA_PATHS: dict[str, DataPath] = {"auto": "auto", "ktls": "ktls", "relay": "relay"}

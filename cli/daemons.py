@@ -21,10 +21,23 @@ import typer
 from loguru import logger
 
 from usbipx import log
-from usbipx.cli.common import KEEPALIVE_HELP, State, handle_errors, keepalive, state
+from usbipx.cli.common import (
+    CA,
+    CERT,
+    KEEPALIVE_HELP,
+    KEY,
+    TLS_DATA,
+    State,
+    data_path,
+    handle_errors,
+    keepalive,
+    state,
+    tls_files,
+)
 from usbipx.daemon.server import Server, ServerConfig
 from usbipx.errors import UsbipError
 from usbipx.net import Keepalive
+from usbipx.url import parse_endpoint
 
 
 def _open_pid_file(path: str) -> int:
@@ -114,15 +127,34 @@ def run_server(st: State, server: Server, detach: bool, pidfile: str | None,
 
 
 def _config(st: State, ipv4: bool, ipv6: bool, tcp_port: int | None, keepalive: Keepalive,
-            address: str | None, max_connections: int, max_per_address: int) -> ServerConfig:
+            address: str | None, max_connections: int, max_per_address: int,
+            listen: list[str] | None, cert: str | None, key: str | None, ca: str | None,
+            tls_data: str) -> ServerConfig:
     if ipv4 and ipv6:
         raise UsbipError("-4 and -6 are exclusive; give neither to listen on both")
-    return ServerConfig(port=tcp_port or st.tcp_port, ipv4=not ipv6, ipv6=not ipv4,
+    port = tcp_port or st.tcp_port
+    endpoints = tuple(parse_endpoint(u, port) for u in listen or [])
+    for ep in endpoints:
+        if ep.scheme == "wss":
+            raise UsbipError(f"--listen {ep}: wss:// is not supported yet; use tls://")
+    if endpoints and (ipv4 or ipv6 or address):
+        raise UsbipError("--listen names the addresses; -4, -6 and --address go without it")
+    secure = any(ep.secure for ep in endpoints)
+    files = tls_files(cert, key, ca) if secure else None
+    if files is None and secure:
+        raise UsbipError("a tls:// listener needs --cert, --key and --ca "
+                         "(or USBIPX_CERT, USBIPX_KEY, USBIPX_CA)")
+    return ServerConfig(port=port, ipv4=not ipv6, ipv6=not ipv4,
                         bind_address=address, keepalive=keepalive,
-                        max_connections=max_connections, max_per_address=max_per_address)
+                        max_connections=max_connections, max_per_address=max_per_address,
+                        listen=endpoints, tls=files, data_path=data_path(tls_data))
 
 
 MAX_CONNECTIONS_HELP = "Most connections served at once (default 256)."
+LISTEN = typer.Option(
+    None, "--listen", "-l", metavar="URL",
+    help="Listen on tcp://ADDR:PORT or tls://ADDR:PORT (repeatable; default: plain TCP "
+         "on every address, port -t).")
 MAX_PER_ADDRESS_HELP = "Most connections from one address at once (default 64)."
 
 
@@ -145,6 +177,11 @@ def usbipd(
                                         help=MAX_CONNECTIONS_HELP),
     max_per_address: int = typer.Option(64, "--max-per-address", min=1,
                                         help=MAX_PER_ADDRESS_HELP),
+    listen: list[str] | None = LISTEN,
+    cert: str | None = CERT,
+    key: str | None = KEY,
+    ca: str | None = CA,
+    tls_data: str = TLS_DATA,
 ) -> None:
     """Device-side daemon: serve this host's devices to `attach` (DEVLIST, IMPORT)."""
     from usbipx.daemon.usbipd import UsbipdHandler
@@ -154,7 +191,7 @@ def usbipd(
     driver = device_driver(st.kernel(), vudc=device)
     driver.check_loaded()
     cfg = _config(st, ipv4, ipv6, tcp_port, keepalive(keepalive_opt), address,
-                  max_connections, max_per_address)
+                  max_connections, max_per_address, listen, cert, key, ca, tls_data)
     run_server(st, Server("usbipd", UsbipdHandler(driver), cfg), detach, pidfile, log_file)
 
 
@@ -183,6 +220,11 @@ def usbipa(
                                         help=MAX_CONNECTIONS_HELP),
     max_per_address: int = typer.Option(64, "--max-per-address", min=1,
                                         help=MAX_PER_ADDRESS_HELP),
+    listen: list[str] | None = LISTEN,
+    cert: str | None = CERT,
+    key: str | None = KEY,
+    ca: str | None = CA,
+    tls_data: str = TLS_DATA,
 ) -> None:
     """Application-side daemon: attach devices that device sides export (EXPORT, UNEXPORT)."""
     from usbipx.daemon.policy import Policy, load_policy
@@ -197,7 +239,9 @@ def usbipa(
     vhci = VhciDriver(st.kernel())
     vhci.check_loaded()
     cfg = _config(st, ipv4, ipv6, tcp_port, keepalive(keepalive_opt), address,
-                  max_connections, max_per_address)
-    # The peer policy is applied at accept too: a refused address takes no slot.
-    server = Server("usbipa", UsbipaHandler(vhci, policy), cfg, policy.refuse_peer)
+                  max_connections, max_per_address, listen, cert, key, ca, tls_data)
+    # The peer policy is applied at accept too (a refused address takes no
+    # slot), and to a TLS peer's identity right after the handshake.
+    server = Server("usbipa", UsbipaHandler(vhci, policy), cfg, policy.refuse_peer,
+                    policy.refuse_identity)
     run_server(st, server, detach, pidfile, log_file)

@@ -7,7 +7,8 @@ from typing import Any
 import typer
 
 from usbipx import usbids
-from usbipx.cli.common import emit_json, handle_errors, state
+from usbipx.cli.common import CA, CERT, KEY, REMOTE_HELP, emit_json, handle_errors, state
+from usbipx.cli.common import remote as remote_of
 from usbipx.driver import LocalDevice
 from usbipx.errors import UsbipError
 from usbipx.protocol import ExportableDevice, UsbDevice
@@ -89,13 +90,16 @@ def _print_vudc(devs: list[tuple[str, LocalDevice | None]]) -> None:
 def list_cmd(
     ctx: typer.Context,
     local: bool = typer.Option(False, "--local", "-l", help="List local USB devices."),
-    remote: str | None = typer.Option(None, "--remote", "-r", metavar="HOST",
-                               help="List devices exported by HOST's usbipd."),
+    remote: str | None = typer.Option(None, "--remote", "-r", metavar="URL",
+                                      help="List the devices a usbipd offers: " + REMOTE_HELP),
     device: bool = typer.Option(False, "--device", "-d",
                                 help="List local usbip-vudc instances and their gadgets."),
     parsable: bool = typer.Option(False, "--parsable", "-p",
                                   help="Parsable output (with -l)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    cert: str | None = CERT,
+    key: str | None = KEY,
+    ca: str | None = CA,
 ) -> None:
     """List local devices (-l), vUDC gadgets (-d) or a remote usbipd's devices (-r)."""
     st = state(ctx)
@@ -106,7 +110,7 @@ def list_cmd(
     if remote is not None:
         from usbipx.client import list_remote
 
-        devs = list_remote(remote, st.tcp_port)
+        devs = list_remote(remote_of(st, remote, cert, key, ca))
         if as_json:
             emit_json([device_json(e.device, e.interfaces) for e in devs])
         else:

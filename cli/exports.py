@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import typer
 
-from usbipx.cli.common import KEEPALIVE_HELP, emit_json, handle_errors, keepalive, state
+from usbipx.cli.common import (
+    CA,
+    CERT,
+    KEEPALIVE_HELP,
+    KEY,
+    REMOTE_HELP,
+    TLS_DATA,
+    emit_json,
+    handle_errors,
+    state,
+)
+from usbipx.cli.common import remote as remote_of
 from usbipx.driver import device_driver
 from usbipx.names import is_vudc_busid
 
@@ -17,45 +28,65 @@ def _mode(busid: str, device: bool) -> bool:
 @handle_errors
 def connect(
     ctx: typer.Context,
-    remote: str = typer.Option(..., "--remote", "-r", metavar="HOST",
-                               help="Host running usbipa."),
+    remote: str = typer.Option(..., "--remote", "-r", metavar="URL",
+                               help="The usbipa: " + REMOTE_HELP),
     busid: str = typer.Option(..., "--busid", "-b",
                               help="Bus id (1-1) or, with -d, vUDC (usbip-vudc.0)."),
     device: bool = typer.Option(False, "--device", "-d",
                                 help="vUDC mode: export the gadget bound to a usbip-vudc."),
     keepalive_opt: str | None = typer.Option(None, "--keepalive", help=KEEPALIVE_HELP),
+    cert: str | None = CERT,
+    key: str | None = KEY,
+    ca: str | None = CA,
+    tls_data: str = TLS_DATA,
 ) -> None:
-    """Export a device to a usbipa (the device side connects out: OP_REQ_EXPORT)."""
+    """Export a device to a usbipa (the device side connects out: OP_REQ_EXPORT).
+
+    Over TLS without kernel TLS, a relay keeps running in the background until
+    the export ends (``disconnect``, or the link dies)."""
     from usbipx.client import export_device, export_records
 
     st = state(ctx)
+    target = remote_of(st, remote, cert, key, ca, keepalive_opt, tls_data)
     driver = device_driver(st.kernel(), vudc=_mode(busid, device))
-    res = export_device(remote, busid, driver, st.tcp_port, keepalive(keepalive_opt),
-                        store=export_records(st.kernel()))
+    store = export_records(st.kernel())
+    res = export_device(target, busid, driver, store=store)
+    if res.path.relay is not None:
+        from usbipx.background import run_relay
+
+        # The relay records itself, so that disconnect can end it.
+        run_relay(res.path.relay, lambda: store.update(busid, remote=str(target)))
     if st.json:
-        emit_json({"busid": busid, "host": remote, "port": st.tcp_port,
-                   "bound_here": res.bound_here})
+        emit_json({"busid": busid, "host": target.host, "port": target.port,
+                   "remote": str(target), "bound_here": res.bound_here,
+                   "transport": res.path.transport})
     else:
-        typer.echo(f"exported {busid} to {remote}:{st.tcp_port}")
+        typer.echo(f"exported {busid} to {target}"
+                   + ("" if res.path.transport == "tcp" else f" ({res.path.transport})"))
+
 
 @handle_errors
 def disconnect(
     ctx: typer.Context,
-    remote: str = typer.Option(..., "--remote", "-r", metavar="HOST",
-                               help="Host running usbipa."),
+    remote: str = typer.Option(..., "--remote", "-r", metavar="URL",
+                               help="The usbipa: " + REMOTE_HELP),
     busid: str = typer.Option(..., "--busid", "-b",
                               help="Bus id (1-1) or, with -d, vUDC (usbip-vudc.0)."),
     device: bool = typer.Option(False, "--device", "-d", help="vUDC mode."),
     force: bool = typer.Option(False, "--force",
                                help="Withdraw the device locally even if usbipa fails."),
+    cert: str | None = CERT,
+    key: str | None = KEY,
+    ca: str | None = CA,
 ) -> None:
     """Withdraw an exported device from a usbipa (OP_REQ_UNEXPORT)."""
     from usbipx.client import export_records, withdraw
 
     st = state(ctx)
+    target = remote_of(st, remote, cert, key, ca)
     driver = device_driver(st.kernel(), vudc=_mode(busid, device))
-    withdraw(remote, busid, driver, export_records(st.kernel()), st.tcp_port, force)
+    withdraw(target, busid, driver, export_records(st.kernel()), force)
     if st.json:
-        emit_json({"busid": busid, "host": remote, "unexported": True})
+        emit_json({"busid": busid, "host": target.host, "unexported": True})
     else:
         typer.echo(f"unexported {busid} from {remote}")

@@ -7,7 +7,8 @@ from typing import Any
 import typer
 
 from usbipx import usbids
-from usbipx.cli.common import emit_json, handle_errors, state
+from usbipx.cli.common import CA, CERT, KEY, REMOTE_HELP, TLS_DATA, emit_json, handle_errors, state
+from usbipx.cli.common import remote as remote_of
 from usbipx.errors import UsbipError
 from usbipx.sysfs import Sysfs
 from usbipx.vhci import ImportedDevice, VhciDriver
@@ -35,18 +36,24 @@ def imported_json(sysfs: Sysfs, imp: ImportedDevice) -> dict[str, Any]:
         "host": imp.record.host if imp.record else None,
         "remote_port": imp.record.service if imp.record else None,
         "remote_busid": imp.record.busid if imp.record else None,
+        "transport": imp.record.transport if imp.record else None,
+        "identity": imp.record.identity if imp.record else None,
     }
 
 
 @handle_errors
 def attach(
     ctx: typer.Context,
-    remote: str = typer.Option(..., "--remote", "-r", metavar="HOST",
-                               help="Host running usbipd."),
+    remote: str = typer.Option(..., "--remote", "-r", metavar="URL",
+                               help="The usbipd: " + REMOTE_HELP),
     busid: str | None = typer.Option(None, "--busid", "-b",
                                      help="Bus id of the remote device."),
     device: str | None = typer.Option(None, "--device", "-d", metavar="VUDC",
                                help="Remote vUDC to attach, e.g. usbip-vudc.0."),
+    cert: str | None = CERT,
+    key: str | None = KEY,
+    ca: str | None = CA,
+    tls_data: str = TLS_DATA,
 ) -> None:
     """Import a device from a usbipd into this host's vhci_hcd."""
     from usbipx.client import attach_remote
@@ -55,11 +62,19 @@ def attach(
     if target is None or (busid is not None and device is not None):
         raise UsbipError("give exactly one of --busid BUSID or --device VUDC")
     st = state(ctx)
-    res = attach_remote(remote, target, VhciDriver(st.kernel()), st.tcp_port)
+    res = attach_remote(remote_of(st, remote, cert, key, ca, tls_data=tls_data), target,
+                        VhciDriver(st.kernel()))
+    if res.path.relay is not None:
+        from usbipx.background import run_relay
+
+        run_relay(res.path.relay)
     if st.json:
-        emit_json({"port": res.port, "host": res.host, "busid": res.busid})
+        emit_json({"port": res.port, "host": res.host, "busid": res.busid,
+                   "transport": res.path.transport})
     else:
-        typer.echo(f"attached {res.busid} from {res.host} to port {res.port}")
+        typer.echo(f"attached {res.busid} from {res.host} to port {res.port}"
+                   + ("" if res.path.transport == "tcp" else f" ({res.path.transport})"))
+
 
 @handle_errors
 def detach(
@@ -100,6 +115,8 @@ def port(
         if imp.record:
             r = imp.record
             typer.echo(f"{p.local_busid:>10} -> usbip://{r.host}:{r.service}/{r.busid}")
+            who = f", identity {r.identity}" if r.identity else ""
+            typer.echo(f"           -> transport {r.transport}{who}")
         else:
             typer.echo(f"{p.local_busid:>10} -> unknown host, remote port and remote busid")
         typer.echo(f"           -> remote bus/dev {p.devid >> 16:03d}/{p.devid & 0xFFFF:03d}")

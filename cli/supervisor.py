@@ -47,7 +47,7 @@ def status_cmd(
                                     help="The supervisor's control socket."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Each export: worker pid, state, remote, uptime, restarts and last error."""
+    """Each export: worker pid, state, remote, transport, uptime, restarts, last error."""
     from usbipx.daemon.control import query_status
 
     body = query_status(socket_path)
@@ -55,11 +55,13 @@ def status_cmd(
         emit_json(body)
         return
     typer.echo(f"supervisor: {body.get('summary', '?')}")
-    rows = [("EXPORT", "PID", "STATE", "FOR", "REMOTE", "UPTIME", "RESTARTS", "LAST ERROR")]
+    rows = [("EXPORT", "PID", "STATE", "FOR", "REMOTE", "TRANSPORT", "UPTIME", "RESTARTS",
+             "LAST ERROR")]
     for e in body.get("exports", []):
         rows.append((
             str(e.get("export")), str(e.get("pid") or "-"), str(e.get("state")),
-            _dur(e.get("state_for")), str(e.get("remote") or "-"), _dur(e.get("uptime")),
+            _dur(e.get("state_for")), str(e.get("remote") or "-"),
+            str(e.get("transport") or "-"), _dur(e.get("uptime")),
             str(e.get("restarts", 0)), str(e.get("last_error") or "-"),
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]

@@ -3,8 +3,13 @@
 ::
 
     [server]                       # the usbipa to export to
-    host = "127.0.0.1"
+    host = "127.0.0.1"             # plain TCP, as the C tools ...
     port = 3240
+    # url = "tls://app.example.net"  # ... or a URL instead of host/port (HOST, tcp://, tls://)
+    # cert = "board.crt"           # for tls://: this board's certificate, its key (mode
+    # key = "board.key"            #   0600) and the CA the server's certificate chains to;
+    # ca = "ca.crt"                #   paths relative to this file
+    # tls_data = "auto"            # auto (kernel TLS where it works), ktls or relay
     keepalive = "4,3,3,12000"      # optional, as --keepalive
 
     [[export]]                     # stub mode: a real device by bus id ...
@@ -52,11 +57,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from usbipx.errors import ConfigError, UsbipError
+from usbipx.errors import ConfigError, UsbipError, ValidationError
 from usbipx.gadget.spec import GadgetSpec, load_spec
 from usbipx.names import is_vudc_busid, validate_busid
 from usbipx.net import DEFAULT_KEEPALIVE, USBIP_PORT, Keepalive
+from usbipx.tlsconf import TlsFiles
 from usbipx.tomlfile import read_toml, toml_int, toml_number
+from usbipx.transport import DataPath, Remote
+from usbipx.url import Endpoint, Scheme, parse_endpoint
 
 ExportKind = Literal["busid", "match", "gadget"]
 
@@ -74,11 +82,24 @@ RESTART_LIMIT_MAX = 10000
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """The usbipa every export goes to."""
+    """The usbipa every export goes to, and how to reach it."""
 
     host: str
     port: int = USBIP_PORT
     keepalive: Keepalive = DEFAULT_KEEPALIVE
+    scheme: Scheme = "tcp"
+    tls: TlsFiles | None = None
+    data_path: DataPath = "auto"
+
+    def remote(self, timeout: float) -> Remote:
+        """The :class:`~usbipx.transport.Remote` a worker dials."""
+        return Remote(Endpoint(self.scheme, self.host, self.port), self.tls, self.keepalive,
+                      timeout, self.data_path)
+
+    @property
+    def url(self) -> str:
+        """What ``supervisor status`` shows as the remote."""
+        return str(self.remote(1.0))
 
 
 @dataclass(frozen=True)
@@ -140,14 +161,28 @@ def _unknown(table: dict[str, Any], allowed: set[str], where: str) -> None:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(extra))}")
 
 
-def _server(data: Any, src: str) -> ServerSpec:
+_DATA_PATHS: dict[object, DataPath] = {"auto": "auto", "ktls": "ktls", "relay": "relay"}
+
+
+def _server(data: Any, base: Path, src: str) -> ServerSpec:
     if not isinstance(data, dict):
-        raise ConfigError(f"{src}: [server] with a host is required")
-    _unknown(data, {"host", "port", "keepalive"}, f"{src}: [server]")
-    host = data.get("host")
-    if not isinstance(host, str) or not host or any(c.isspace() for c in host):
-        raise ConfigError(f"{src}: server.host must be a host name or address")
+        raise ConfigError(f"{src}: [server] with a host or url is required")
+    _unknown(data, {"host", "port", "url", "cert", "key", "ca", "tls_data", "keepalive"},
+             f"{src}: [server]")
+    if ("url" in data) == ("host" in data):
+        raise ConfigError(f"{src}: [server] needs exactly one of host or url")
     port = toml_int(data.get("port", USBIP_PORT), f"{src}: server.port", 1, 65535)
+    text = data.get("url", data.get("host"))
+    if not isinstance(text, str):
+        raise ConfigError(f"{src}: server.{'url' if 'url' in data else 'host'} must be a string")
+    if "url" in data and "port" in data:
+        raise ConfigError(f"{src}: server.port goes with host; put the port in the url")
+    try:
+        endpoint = parse_endpoint(text, port)
+    except ValidationError as exc:
+        raise ConfigError(f"{src}: server: {exc}") from None
+    if "host" in data and endpoint.scheme != "tcp":
+        raise ConfigError(f"{src}: server.host is a host name; use url = {text!r}")
     ka = DEFAULT_KEEPALIVE
     if "keepalive" in data:
         if not isinstance(data["keepalive"], str):
@@ -156,7 +191,28 @@ def _server(data: Any, src: str) -> ServerSpec:
             ka = Keepalive.parse(data["keepalive"])
         except (UsbipError, ValueError) as exc:
             raise ConfigError(f"{src}: server.keepalive: {exc}") from None
-    return ServerSpec(host, port, ka)
+    data_path = _DATA_PATHS.get(data.get("tls_data", "auto"))
+    if data_path is None:
+        raise ConfigError(f"{src}: server.tls_data must be auto, ktls or relay")
+    tls = None
+    files = {k: data[k] for k in ("cert", "key", "ca") if k in data}
+    if endpoint.secure or files:
+        if not endpoint.secure:
+            raise ConfigError(f"{src}: server.cert, key and ca go with a tls:// url")
+        if not all(isinstance(files.get(k), str) for k in ("cert", "key", "ca")):
+            raise ConfigError(f"{src}: a {endpoint.scheme}:// server needs cert, key and ca "
+                              "(file names)")
+        try:
+            tls = TlsFiles(*(base / files[k] for k in ("cert", "key", "ca")))
+            tls.check()
+        except ConfigError as exc:
+            raise ConfigError(f"{src}: server: {exc}") from None
+    try:
+        spec = ServerSpec(endpoint.host, endpoint.port, ka, endpoint.scheme, tls, data_path)
+        spec.remote(1.0)  # refuses what no worker could dial (wss:// for now)
+    except ConfigError as exc:
+        raise ConfigError(f"{src}: server: {exc}") from None
+    return spec
 
 
 def _export(data: Any, n: int, base: Path, src: str) -> ExportSpec:
@@ -243,7 +299,7 @@ def _options(data: Any, src: str) -> Options:
 def parse_config(data: dict[str, Any], base: Path, src: str = "<config>") -> SupervisorConfig:
     """Validate a parsed document; gadget specs are loaded relative to ``base``."""
     _unknown(data, {"server", "export", "supervisor"}, src)
-    server = _server(data.get("server"), src)
+    server = _server(data.get("server"), base, src)
     raw = data.get("export", [])
     if not isinstance(raw, list) or not raw:
         raise ConfigError(f"{src}: at least one [[export]] is required")

@@ -1,8 +1,10 @@
-"""What a usbipa accepts: peer networks, device rules and a per-peer limit.
+"""What a usbipa accepts: peer networks and identities, device rules, per-peer limits.
 
 The policy file is TOML::
 
-    allow = ["10.0.0.0/8", "fd00::/8"]   # peers allowed to export (default: any)
+    allow = ["10.0.0.0/8", "fd00::/8"]   # peer addresses allowed to connect (default: any)
+    identities = ["board-*"]             # TLS peers allowed to export (default: any
+                                         #   certificate the CA signed)
     max_devices_per_peer = 4             # default: no limit
     default = "allow"                    # device verdict when no rule matches
 
@@ -12,23 +14,37 @@ The policy file is TOML::
     product = 0x6001
 
     [[rule]]
+    action = "allow"
+    identity = "lab-*"                   # this rule is for these TLS peers only
+    class = 0x03
+
+    [[rule]]
     action = "deny"
     class = 0x09                         # bDeviceClass (hubs)
 
+    [[limit]]                            # per-identity limits, first match wins
+    identity = "kiosk-*"
+    max_devices = 1
+
 A rule matches when every field it gives (``vendor``, ``product``,
-``class``) equals the device's.  ``class`` is the device class of the
+``class``, ``identity``) matches.  ``class`` is the device class of the
 exported record: an export carries no interface records, so interface
-classes cannot be matched.
+classes cannot be matched.  ``identity`` is a certificate identity pattern
+(``*`` stands for part of one label, see :func:`usbipx.identity.identity_matches`);
+a rule or limit naming one never applies to a plain TCP peer, who has no
+identity.  Over TLS a peer *is* its identity: limits count per identity, and
+two boards behind one NAT address are two peers.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from usbipx.errors import ConfigError
+from usbipx.identity import identity_matches, is_identity_pattern
 from usbipx.protocol import UsbDevice
 from usbipx.tomlfile import read_toml, toml_int
 
@@ -44,19 +60,26 @@ def parse_network(text: str) -> Network:
         raise ConfigError(f"bad network {text!r}: {exc}") from None
 
 
+def _for(pattern: str | None, identity: str | None) -> bool:
+    """Whether a rule for ``pattern`` (None: everyone) applies to ``identity``."""
+    return pattern is None or (identity is not None and identity_matches(pattern, identity))
+
+
 @dataclass(frozen=True)
 class DeviceRule:
-    """Allow or deny devices matching all the given ids."""
+    """Allow or deny devices matching all the given ids (for some identities only)."""
 
     action: Action
     vendor: int | None = None
     product: int | None = None
     device_class: int | None = None
+    identity: str | None = None
 
-    def matches(self, dev: UsbDevice) -> bool:
+    def matches(self, dev: UsbDevice, identity: str | None = None) -> bool:
         return ((self.vendor is None or self.vendor == dev.id_vendor)
                 and (self.product is None or self.product == dev.id_product)
-                and (self.device_class is None or self.device_class == dev.device_class))
+                and (self.device_class is None or self.device_class == dev.device_class)
+                and _for(self.identity, identity))
 
     def __str__(self) -> str:
         parts = []
@@ -66,7 +89,16 @@ class DeviceRule:
             parts.append(f"product {self.product:04x}")
         if self.device_class is not None:
             parts.append(f"class {self.device_class:02x}")
-        return f"{self.action} {' '.join(parts) or 'any'}"
+        who = f" for {self.identity}" if self.identity is not None else ""
+        return f"{self.action} {' '.join(parts) or 'any'}{who}"
+
+
+@dataclass(frozen=True)
+class Limit:
+    """At most ``max_devices`` exported by each peer whose identity matches."""
+
+    identity: str
+    max_devices: int
 
 
 @dataclass(frozen=True)
@@ -77,6 +109,8 @@ class Policy:
     rules: tuple[DeviceRule, ...] = ()
     default: Action = "allow"
     max_devices_per_peer: int | None = None
+    identities: tuple[str, ...] = ()
+    limits: tuple[Limit, ...] = ()
 
     def refuse_peer(self, host: str) -> str | None:
         """Why ``host`` may not export, or None if it may."""
@@ -90,16 +124,26 @@ class Policy:
             return None
         return "peer is outside the allowed networks"
 
-    def refuse_device(self, dev: UsbDevice) -> str | None:
-        """Why ``dev`` may not be attached, or None if it may."""
+    def refuse_identity(self, identity: str) -> str | None:
+        """Why the TLS peer ``identity`` may not export at all, or None if it may."""
+        if not self.identities or any(identity_matches(p, identity) for p in self.identities):
+            return None
+        return f"identity {identity} is not among the allowed identities"
+
+    def refuse_device(self, dev: UsbDevice, identity: str | None = None) -> str | None:
+        """Why ``dev`` may not be attached (for ``identity``), or None if it may."""
         for rule in self.rules:
-            if rule.matches(dev):
+            if rule.matches(dev, identity):
                 return None if rule.action == "allow" else f"denied by rule '{rule}'"
         return None if self.default == "allow" else "denied by default policy"
 
-    def refuse_count(self, held: int) -> str | None:
+    def refuse_count(self, held: int, identity: str | None = None) -> str | None:
         """Why a peer already holding ``held`` devices may not add one."""
         limit = self.max_devices_per_peer
+        for lim in self.limits:
+            if _for(lim.identity, identity):
+                limit = lim.max_devices
+                break
         if limit is not None and held >= limit:
             return f"peer already has {held} devices (limit {limit})"
         return None
@@ -108,8 +152,7 @@ class Policy:
         """This policy with more allowed networks (``--allow``)."""
         if not extra:
             return self
-        nets = self.networks + tuple(parse_network(n) for n in extra)
-        return Policy(nets, self.rules, self.default, self.max_devices_per_peer)
+        return replace(self, networks=self.networks + tuple(parse_network(n) for n in extra))
 
 
 MAX_LIMIT = 65535
@@ -124,7 +167,7 @@ def _int_field(rule: dict[str, Any], key: str, bits: int, where: str) -> int | N
 
 def policy_from_dict(data: dict[str, Any], source: str = "policy") -> Policy:
     """Validate a parsed policy document completely; :class:`ConfigError` names the key."""
-    known = {"allow", "max_devices_per_peer", "default", "rule"}
+    known = {"allow", "identities", "max_devices_per_peer", "default", "rule", "limit"}
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}")
@@ -145,7 +188,7 @@ def policy_from_dict(data: dict[str, Any], source: str = "policy") -> Policy:
         where = f"{source}: rule {n + 1}"
         if not isinstance(r, dict):
             raise ConfigError(f"{where}: must be a table")
-        bad = set(r) - {"action", "vendor", "product", "class"}
+        bad = set(r) - {"action", "vendor", "product", "class", "identity"}
         if bad:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(bad))}")
         action = r.get("action")
@@ -153,12 +196,37 @@ def policy_from_dict(data: dict[str, Any], source: str = "policy") -> Policy:
             raise ConfigError(f"{where}: action must be 'allow' or 'deny'")
         rules.append(DeviceRule(action, _int_field(r, "vendor", 16, where),
                                 _int_field(r, "product", 16, where),
-                                _int_field(r, "class", 8, where)))
+                                _int_field(r, "class", 8, where),
+                                _pattern(r.get("identity"), f"{where}: identity")))
+    identities = data.get("identities", [])
+    if not isinstance(identities, list):
+        raise ConfigError(f"{source}: identities must be a list of identity patterns")
+    patterns = tuple(_pattern(i, f"{source}: identities") or "" for i in identities)
+    limits = []
+    raw_limits = data.get("limit", [])
+    if not isinstance(raw_limits, list):
+        raise ConfigError(f"{source}: limit must be an array of tables ([[limit]])")
+    for n, lim in enumerate(raw_limits):
+        where = f"{source}: limit {n + 1}"
+        if not isinstance(lim, dict) or set(lim) != {"identity", "max_devices"}:
+            raise ConfigError(f"{where}: needs exactly identity and max_devices")
+        limits.append(Limit(_pattern(lim["identity"], f"{where}: identity") or "",
+                            toml_int(lim["max_devices"], f"{where}: max_devices", 0,
+                                     MAX_LIMIT)))
     try:
         networks = tuple(parse_network(a) for a in allow)
     except ConfigError as exc:
         raise ConfigError(f"{source}: allow: {exc}") from None
-    return Policy(networks, tuple(rules), default, limit)
+    return Policy(networks, tuple(rules), default, limit, patterns, tuple(limits))
+
+
+def _pattern(value: object, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not is_identity_pattern(value):
+        raise ConfigError(f"{where}: {value!r} is not an identity pattern "
+                          "(letters, digits, . _ : @ / + = - and *)")
+    return value
 
 
 def load_policy(path: str | Path) -> Policy:

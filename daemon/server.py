@@ -1,14 +1,16 @@
 """The asyncio server shared by usbipd and usbipa.
 
-Each connection carries one request.  The server reads it with exact-size
-``sock_recv`` calls driven by the codec (never past the PDU: what follows
-belongs to the kernel once the socket is handed over), passes it to a plain
-handler function, and sends the handler's reply.  Handlers run
-synchronously on the event loop, so they are serialised: two exports never
-race for the same vhci port inside one daemon.
+It listens on one or more URLs (``tcp://`` as the C tools, ``tls://`` for
+mutual TLS).  Each connection carries one request.  The server reads it
+with exact-size reads driven by the codec -- record-exact under TLS -- never
+past the PDU: what follows belongs to the kernel once the socket is handed
+over.  A plain handler function decides (:mod:`usbipx.daemon.serving`); the
+server delivers the reply and the kernel handoff in the order the
+transport needs.  Handlers run on the event loop and handoffs are
+serialised, so two exports never race for the same vhci port.
 
-A misbehaving client (junk, truncation, silence, oversize) costs one log
-line and its connection, never the daemon.  Connections are admitted at
+A misbehaving client (junk, truncation, silence, oversize, a failed TLS
+handshake) costs one log line and its connection, never the daemon.  Connections are admitted at
 accept, before a byte is read: a peer the daemon's policy refuses is closed
 at once, and caps on connections in all and per address keep one address
 (or many idle connections) from taking every slot.  Requests must be complete
@@ -19,37 +21,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import signal
 import socket
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import ssl
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from usbipx.errors import ProtocolError, UsbipError
+from usbipx.daemon.listen import Tally, listeners, times
+from usbipx.daemon.serving import Handler, Outcome, Peer, settle
+from usbipx.errors import ConfigError, ProtocolError, UsbipError
 from usbipx.net import DEFAULT_KEEPALIVE, Keepalive, tune_socket
-from usbipx.protocol import Reply, Request, RequestDecoder
+from usbipx.protocol import Request, RequestDecoder
+from usbipx.tlsconf import TlsFiles
+from usbipx.tlsengine import TlsError
+from usbipx.transport import DataPath
+from usbipx.url import Endpoint
 
-
-@dataclass(frozen=True)
-class Peer:
-    """The remote end of a connection."""
-
-    host: str
-    port: int
-
-
-@dataclass
-class Outcome:
-    """What a handler decided: the reply, and how to undo its kernel action
-    if the reply cannot be delivered."""
-
-    reply: Reply
-    undo: Callable[[], None] | None = None
-
-
-Handler = Callable[[Request, Peer, socket.socket], Outcome]
+if TYPE_CHECKING:
+    from usbipx.tlsengine import TlsEngine
 
 
 @dataclass
@@ -66,42 +59,13 @@ class ServerConfig:
     """Connections from one address at a time.  Generous: a board's supervisor exports
     all its devices at once, and many boards may share a NAT address."""
     keepalive: Keepalive = field(default_factory=lambda: DEFAULT_KEEPALIVE)
-
-
-def _listeners(cfg: ServerConfig) -> list[socket.socket]:
-    families: list[tuple[socket.AddressFamily, str]] = []
-    if cfg.bind_address:
-        infos = socket.getaddrinfo(cfg.bind_address, cfg.port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-        families = [(info[0], str(info[4][0])) for info in infos[:1]]
-    else:
-        if cfg.ipv4:
-            families.append((socket.AF_INET, "0.0.0.0"))
-        if cfg.ipv6 and socket.has_ipv6:
-            families.append((socket.AF_INET6, "::"))
-    socks: list[socket.socket] = []
-    for fam, addr in families:
-        s = socket.socket(fam, socket.SOCK_STREAM)
-        try:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if fam == socket.AF_INET6:
-                # One socket per family, as usbipd does.
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            s.bind((addr, cfg.port))
-            s.listen(128)
-            s.setblocking(False)
-        except OSError as exc:
-            s.close()
-            if fam == socket.AF_INET6 and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
-                logger.warning("IPv6 unavailable ({}); listening on IPv4 only", exc.strerror)
-                continue
-            for other in socks:
-                other.close()
-            raise UsbipError(f"cannot listen on {addr} port {cfg.port}: {exc.strerror}") from exc
-        socks.append(s)
-    if not socks:
-        raise UsbipError("no address family to listen on")
-    return socks
+    listen: tuple[Endpoint, ...] = ()
+    """Where to listen; empty: plain TCP on ``port`` (both families unless one is chosen)."""
+    tls: TlsFiles | None = None
+    """Certificate, key and CA for ``tls://`` listeners."""
+    data_path: DataPath = "auto"
+    """TLS data path: kernel TLS where it works, or forced."""
+    handshake_timeout: float = 10.0
 
 
 PeerPolicy = Callable[[str], str | None]
@@ -109,30 +73,6 @@ PeerPolicy = Callable[[str], str | None]
 
 _ACCEPT_BACKOFF = (0.05, 2.0)
 """First and longest pause after a failed accept() (doubling while it keeps failing)."""
-
-
-class _Tally:
-    """Counts repeated events per key and says when to log: the 1st, 10th, 100th...
-
-    A flood of refused connections costs a handful of log lines, not one
-    each.  Forgets everything past ``limit`` keys (many source addresses).
-    """
-
-    def __init__(self, limit: int = 4096) -> None:
-        self.limit = limit
-        self._counts: dict[tuple[str, str], int] = {}
-
-    def count(self, kind: str, host: str) -> int | None:
-        """This event's number if it should be logged, else None."""
-        if len(self._counts) >= self.limit:
-            self._counts.clear()
-        n = self._counts.get((kind, host), 0) + 1
-        self._counts[(kind, host)] = n
-        return n if str(n).rstrip("0") == "1" else None
-
-
-def _times(n: int) -> str:
-    return "" if n == 1 else f" (connection {n} refused so far)"
 
 
 class Server:
@@ -143,23 +83,43 @@ class Server:
     """
 
     def __init__(self, name: str, handler: Handler, cfg: ServerConfig,
-                 refuse_peer: PeerPolicy | None = None) -> None:
+                 refuse_peer: PeerPolicy | None = None,
+                 refuse_identity: PeerPolicy | None = None) -> None:
         self.name = name
         self.handler = handler
         self.cfg = cfg
         self.refuse_peer = refuse_peer
+        self.refuse_identity = refuse_identity
+        """Why a TLS peer's certificate identity may not be served (usbipa's policy)."""
         self.active = 0
         self.served = 0
         self.rejected = 0
         self._per_host: dict[str, int] = {}
-        self._tally = _Tally()
+        self._tally = Tally()
         self._stop = asyncio.Event()
-        self._listeners: list[socket.socket] = []
+        self._listeners: list[tuple[socket.socket, str]] = []
         self._failure: BaseException | None = None
+        self._handoff_lock = asyncio.Lock()
+        self._relays: set[threading.Event] = set()
+        self._tls_context: ssl.SSLContext | None = None
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
-        return [s.getsockname()[:2] for s in self._listeners]
+        return [s.getsockname()[:2] for s, _ in self._listeners]
+
+    @property
+    def listening(self) -> list[str]:
+        """Each listener as a URL (``tls://0.0.0.0:3240``)."""
+        out = []
+        for s, scheme in self._listeners:
+            host, port = s.getsockname()[:2]
+            out.append(f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}")
+        return out
+
+    def _log_refusal(self, kind: str, host: str, reason: str) -> None:
+        if (n := self._tally.count(kind, host)) is not None:
+            logger.warning("{}: refused connection from {}: {}{}", self.name, host, reason,
+                           times(n))
 
     async def _read_request(self, conn: socket.socket) -> Request | None:
         loop = asyncio.get_running_loop()
@@ -173,57 +133,204 @@ class Server:
             dec.receive_data(chunk)
         return req
 
-    async def _serve_one(self, conn: socket.socket, peer: Peer) -> None:
+    async def _request(self, read: Awaitable[Request | None], peer: Peer) -> Request | None:
+        """The request, or None (logged) if it is late, malformed or never comes."""
         try:
-            try:
-                req = await asyncio.wait_for(self._read_request(conn), self.cfg.request_timeout)
-            except TimeoutError:
-                self.rejected += 1
-                logger.warning("{}: {}: no complete request within {:.0f} s", self.name,
-                               peer.host, self.cfg.request_timeout)
-                return
-            except ProtocolError as exc:
-                self.rejected += 1
-                logger.warning("{}: {}: bad request: {}", self.name, peer.host, exc)
-                return
-            if req is None:
-                return
-            logger.debug("{}: {}:{} sent {}", self.name, peer.host, peer.port, req)
-            # The kernel will own the socket: give it blocking mode and the
-            # keepalive/NODELAY options now, while userspace still can.
-            conn.setblocking(True)
+            req = await asyncio.wait_for(read, self.cfg.request_timeout)
+        except TimeoutError:
+            self.rejected += 1
+            logger.warning("{}: {}: no complete request within {:.0f} s", self.name,
+                           peer.name, self.cfg.request_timeout)
+            return None
+        except (ProtocolError, TlsError) as exc:
+            self.rejected += 1
+            logger.warning("{}: {}: bad request: {}", self.name, peer.name, exc)
+            return None
+        if req is not None:
+            logger.debug("{}: {}:{} sent {}", self.name, peer.name, peer.port, req)
+        return req
+
+    def _decide(self, req: Request, peer: Peer) -> Outcome | None:
+        try:
+            return self.handler(req, peer)
+        except Exception as exc:  # a handler bug must not kill the daemon
+            logger.exception("{}: handler failed for {}: {}", self.name, peer.name, exc)
+            return None
+
+    async def _serve_one(self, conn: socket.socket, peer: Peer, scheme: str) -> None:
+        kept = False
+        try:
+            # The kernel may own the socket later: keepalive and NODELAY now,
+            # while userspace still can.
             tune_socket(conn, self.cfg.keepalive)
-            try:
-                outcome = self.handler(req, peer, conn)
-            except Exception as exc:  # a handler bug must not kill the daemon
-                logger.exception("{}: handler failed for {}: {}", self.name, peer.host, exc)
-                return
-            try:
-                # A reply is at most a few hundred bytes per device; a blocking
-                # send (with a timeout) keeps it ahead of any kernel traffic.
-                conn.settimeout(self.cfg.request_timeout)
-                conn.sendall(outcome.reply.pack())
-            except OSError as exc:
-                logger.warning("{}: {}: cannot send reply: {}", self.name, peer.host, exc)
-                if outcome.undo is not None:
-                    outcome.undo()
-                return
-            finally:
-                with contextlib.suppress(OSError):
-                    conn.settimeout(None)
-            self.served += 1
+            if scheme == "tls":
+                kept = await self._serve_tls(conn, peer)
+            else:
+                await self._serve_tcp(conn, peer)
         except OSError as exc:
-            logger.debug("{}: {}: connection error: {}", self.name, peer.host, exc)
+            logger.debug("{}: {}: connection error: {}", self.name, peer.name, exc)
         finally:
             # After a handoff the kernel holds its own reference; closing our
-            # descriptor does not end the connection (no shutdown()!).
-            conn.close()
+            # descriptor does not end the connection (no shutdown()!).  A
+            # relay keeps the connection: it closes it when the export ends.
+            if not kept:
+                conn.close()
             self.active -= 1
             left = self._per_host[peer.host] - 1
             if left:
                 self._per_host[peer.host] = left
             else:
                 del self._per_host[peer.host]
+
+    async def _serve_tcp(self, conn: socket.socket, peer: Peer) -> None:
+        req = await self._request(self._read_request(conn), peer)
+        if req is None or (outcome := self._decide(req, peer)) is None:
+            return
+        conn.setblocking(True)  # the kernel expects a blocking socket
+        reply = settle(outcome, conn.fileno(), "tcp")
+        try:
+            # A reply is at most a few hundred bytes per device; a blocking
+            # send (with a timeout) keeps it ahead of any kernel traffic.
+            conn.settimeout(self.cfg.request_timeout)
+            conn.sendall(reply.pack())
+        except OSError as exc:
+            logger.warning("{}: {}: cannot send reply: {}", self.name, peer.name, exc)
+            if outcome.undo is not None:
+                outcome.undo()
+            return
+        finally:
+            with contextlib.suppress(OSError):
+                conn.settimeout(None)
+        self.served += 1
+
+    async def _serve_tls(self, conn: socket.socket, plain: Peer) -> bool:
+        """Handshake, identity, request, then the reply and the handoff in the order
+        the data path needs.  True if a relay now owns the connection."""
+        from usbipx.identity import peer_identity
+        from usbipx.tlsengine import TlsEngine, handshake_async, recv_async
+
+        assert self._tls_context is not None
+        loop = asyncio.get_running_loop()
+        engine = TlsEngine(self._tls_context, server_side=True)
+        kept = False
+        try:
+            try:
+                await asyncio.wait_for(handshake_async(loop, conn, engine),
+                                       self.cfg.handshake_timeout)
+            except (TimeoutError, TlsError) as exc:
+                self.rejected += 1
+                why = (f"no handshake within {self.cfg.handshake_timeout:.0f} s"
+                       if isinstance(exc, TimeoutError) else str(exc))
+                self._log_refusal("tls", plain.host, f"TLS handshake failed: {why}")
+                with contextlib.suppress(OSError):
+                    conn.send(engine.outgoing())  # the alert, if any, tells the peer why
+                return False
+            identity = peer_identity(engine.peercert())
+            why = ("its certificate names no usable identity" if identity is None
+                   else self.refuse_identity(identity) if self.refuse_identity else None)
+            if why or identity is None:
+                self.rejected += 1
+                self._log_refusal("identity", plain.host, f"refused {identity}: {why}")
+                return False
+            peer = replace(plain, identity=identity, transport="tls")
+
+            async def read() -> Request | None:
+                dec = RequestDecoder()
+                while (req := dec.next_event()) is None:
+                    dec.receive_data(await recv_async(loop, conn, engine))
+                if dec.pending:
+                    raise ProtocolError("more than one request")
+                return req
+
+            req = await self._request(read(), peer)
+            if req is None or (outcome := self._decide(req, peer)) is None:
+                return False
+            if outcome.handoff is None:
+                await self._send_tls(conn, engine, outcome.reply.pack(), peer)
+                self.served += 1
+                return False
+            async with self._handoff_lock:
+                kept = await self._tls_handoff(conn, engine, peer, outcome)
+            return kept
+        finally:
+            if not kept:
+                engine.close()
+
+    async def _send_tls(self, conn: socket.socket, engine: TlsEngine, data: bytes,
+                        peer: Peer) -> bool:
+        from usbipx.tlsengine import send_async
+
+        try:
+            await asyncio.wait_for(send_async(asyncio.get_running_loop(), conn, engine, data),
+                                   self.cfg.request_timeout)
+        except (TimeoutError, OSError, TlsError) as exc:
+            logger.warning("{}: {}: cannot send reply: {}", self.name, peer.name,
+                           exc or "timed out")
+            return False
+        return True
+
+    async def _tls_handoff(self, conn: socket.socket, engine: TlsEngine, peer: Peer,
+                           outcome: Outcome) -> bool:
+        """Reply and hand off: kernel TLS if it works (reply first), else a relay
+        (handoff first, so that a kernel refusal still reaches the peer)."""
+        from usbipx import ktls
+
+        assert outcome.handoff is not None
+        if self.cfg.data_path == "relay":
+            return await self._relay(conn, engine, peer, outcome, replied=False)
+        if not await self._send_tls(conn, engine, outcome.reply.pack(), peer):
+            return False
+        try:
+            tx, rx = engine.kernel_crypto()
+            ktls.install(conn, tx, rx)
+        except ktls.KtlsUnavailable as exc:
+            if self.cfg.data_path == "ktls":
+                logger.error("{}: {}: kernel TLS unavailable: {}", self.name, peer.name, exc)
+                return False
+            logger.info("{}: {}: kernel TLS unavailable ({}); relaying", self.name, peer.name,
+                        exc)
+            return await self._relay(conn, engine, peer, outcome, replied=True)
+        conn.setblocking(True)
+        if outcome.handoff(conn.fileno(), "ktls") is not None:
+            logger.error("{}: {}: the kernel refused the connection after the reply",
+                         self.name, peer.name)
+            return False
+        self.served += 1
+        return False
+
+    async def _relay(self, conn: socket.socket, engine: TlsEngine, peer: Peer,
+                     outcome: Outcome, replied: bool) -> bool:
+        """Hand the kernel a socketpair end and pump the other to the TLS connection."""
+        from usbipx.relay import Relay, relay_pair
+
+        assert outcome.handoff is not None
+        kernel_end, relay_end = relay_pair()
+        try:
+            failed = outcome.handoff(kernel_end.fileno(), "tls-relay")
+        finally:
+            kernel_end.close()  # the kernel holds its own reference
+        if not replied:
+            sent = await self._send_tls(conn, engine, (failed or outcome.reply).pack(), peer)
+            if not sent and failed is None and outcome.undo is not None:
+                outcome.undo()
+                failed = outcome.reply
+        if failed is not None:
+            relay_end.close()
+            return False
+        self.served += 1
+        stop = threading.Event()
+        relay = Relay(relay_end, conn, engine, name=peer.name)
+
+        def run() -> None:
+            try:
+                why = relay.run(stop)
+            finally:
+                self._relays.discard(stop)
+            logger.info("{}: relay for {} ended: {}", self.name, peer.name, why)
+
+        self._relays.add(stop)
+        threading.Thread(target=run, name=f"relay {peer.name}", daemon=True).start()
+        return True
 
     def _refusal(self, host: str) -> tuple[str, str] | None:
         """(kind, reason) if a connection from ``host`` may not be served now."""
@@ -254,12 +361,10 @@ class Server:
             return Peer(host, addr[1])
         conn.close()
         kind, reason = refusal
-        if (n := self._tally.count(kind, host)) is not None:
-            logger.warning("{}: refused connection from {}: {}{}", self.name, host, reason,
-                           _times(n))
+        self._log_refusal(kind, host, reason)
         return None
 
-    async def _accept_loop(self, lsock: socket.socket) -> None:
+    async def _accept_loop(self, lsock: socket.socket, scheme: str) -> None:
         """Accept until the listener is closed.  A failed accept() (an aborted
         connection, no descriptors or memory, a firewall's EPERM...) is logged
         and retried after a pause that grows while it keeps failing."""
@@ -282,7 +387,7 @@ class Server:
             if peer is None:
                 continue
             conn.setblocking(False)
-            t = loop.create_task(self._serve_one(conn, peer))
+            t = loop.create_task(self._serve_one(conn, peer, scheme))
             tasks.add(t)
             t.add_done_callback(tasks.discard)
 
@@ -299,17 +404,31 @@ class Server:
         """Bind the listening sockets (raises a clear error if the port is taken).
 
         Does nothing if they are bound already."""
-        if not self._listeners:
-            self._listeners = _listeners(self.cfg)
+        if self._listeners:
+            return
+        if any(ep.scheme == "tls" for ep in self.cfg.listen):
+            from usbipx import ktls
+            from usbipx.tlsconf import server_context
+
+            if self.cfg.tls is None:
+                raise ConfigError("a tls:// listener needs --cert, --key and --ca "
+                                  "(or USBIPX_CERT, USBIPX_KEY, USBIPX_CA)")
+            self._tls_context = server_context(self.cfg.tls)
+            if self.cfg.data_path != "relay":
+                ktls.preload()  # the first handoff must not wait for modules to load
+        cfg = self.cfg
+        self._listeners = listeners(cfg.listen, cfg.port, cfg.ipv4, cfg.ipv6, cfg.bind_address)
 
     def close(self) -> None:
         """Close the listening sockets of a server that will not run."""
-        for s in self._listeners:
+        for s, _ in self._listeners:
             s.close()
         self._listeners = []
 
     def stop(self) -> None:
         self._stop.set()
+        for relay in list(self._relays):
+            relay.set()  # a relayed export cannot outlive the process that relays it
 
     async def run(self, ready: Callable[[Server], None] | None = None) -> None:
         """Serve until :meth:`stop` or SIGTERM/SIGINT."""
@@ -318,11 +437,12 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
-        accepts = [loop.create_task(self._accept_loop(s)) for s in self._listeners]
+        accepts = [loop.create_task(self._accept_loop(s, scheme))
+                   for s, scheme in self._listeners]
         for t in accepts:
             t.add_done_callback(self._accept_ended)
-        for host, port in self.addresses:
-            logger.info("{} listening on {} port {}", self.name, host, port)
+        for url in self.listening:
+            logger.info("{} listening on {}", self.name, url)
         if ready is not None:
             ready(self)
         try:
@@ -330,8 +450,8 @@ class Server:
         finally:
             for t in accepts:
                 t.cancel()
-            for s in self._listeners:
-                s.close()
+            self.close()
+            self.stop()
             logger.info("{} stopped", self.name)
         if self._failure is not None:
             raise UsbipError(f"{self.name}: accept loop failed: {self._failure}")

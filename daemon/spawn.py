@@ -176,7 +176,8 @@ class ProcessSpawner:
         elif msg[0] == "state" and len(msg) == 2 and isinstance(msg[1], dict):
             st = msg[1]
             self.sup.on_report(key, pid, str(st.get("state")), _text(st.get("remote")),
-                               _text(st.get("error")), _text(st.get("busid")))
+                               _text(st.get("error")), _text(st.get("busid")),
+                               _text(st.get("transport")))
 
     def _exited(self, key: str, pid: int, conn: Any) -> None:
         proc = self.procs.pop(pid)

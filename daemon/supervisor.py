@@ -86,6 +86,7 @@ class Slot:
     restarts: int = 0
     crashes: list[float] = field(default_factory=list)
     remote: str | None = None
+    transport: str | None = None
     last_error: str | None = None
     restart_at: float | None = None
     kill_at: float | None = None
@@ -251,7 +252,8 @@ class Supervisor:
     # -- events from workers and the kernel --------------------------------
 
     def on_report(self, key: str, pid: int, state: str, remote: str | None = None,
-                  error: str | None = None, busid: str | None = None) -> None:
+                  error: str | None = None, busid: str | None = None,
+                  transport: str | None = None) -> None:
         """A worker says where its export stands (and, for a gadget, which vUDC it got).
 
         A report that does not fit -- from a worker that is not the export's
@@ -281,9 +283,9 @@ class Supervisor:
             slot.steady = True
             slot.crashes.clear()
         if st == State.EXPORTED:
-            slot.remote = remote
+            slot.remote, slot.transport = remote, transport
         elif st in (State.BACKOFF, State.WAITING):
-            slot.remote = None
+            slot.remote = slot.transport = None
         self._apply(slot, event, error)
 
     def on_exit(self, key: str, pid: int, code: int) -> None:
@@ -298,7 +300,7 @@ class Supervisor:
             self._stopped(slot)
             return
         slot.pid = None
-        slot.remote = None
+        slot.remote = slot.transport = None
         if code == 0 and slot.job.spec.kind == "match" and slot.job.busid not in self.devices:
             # The device went away and its worker finished cleanly.
             self._stopped(slot)
@@ -374,6 +376,7 @@ class Supervisor:
                 "uptime": (round(now - s.started, 1)
                            if s.started is not None and s.pid is not None else None),
                 "remote": s.remote,
+                "transport": s.transport,
                 "restarts": s.restarts,
                 "last_error": s.last_error,
             })

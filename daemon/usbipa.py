@@ -3,7 +3,8 @@
 A device side behind NAT or a firewall connects out to us with
 OP_REQ_EXPORT; we attach its device to vhci_hcd over that very connection.
 OP_REQ_UNEXPORT detaches it again, honoured only from the address that
-exported it.  Attachments are keyed by (peer address, bus id).
+exported it.  Attachments are keyed by (peer, bus id), where the peer is its
+certificate identity over TLS and its address over plain TCP.
 
 Two boards behind one NAT address share that address, and every Raspberry
 Pi calls its first port ``1-1``: a second export of an (address, bus id)
@@ -13,21 +14,22 @@ in VDEV_ST_ERROR -- is replaced.  After a link cut the device side's
 re-export is refused until the keepalive has killed the old port (about
 13 s), and then succeeds on retry.
 
-Order matters on export: the device is attached *before* the reply is
-sent, so a refusal (no free port, kernel error) reaches the device side.
-The reply still wins the race against the first URB: after ``attach`` the
-hub driver debounces the new connection for at least 100 ms before it
-sends anything, and the reply leaves in the same call.
+Order matters on export.  Over plain TCP (and a TLS relay) the device is
+attached *before* the reply is sent, so a refusal (no free port, kernel
+error) reaches the device side; the reply still wins the race against the
+first URB: after ``attach`` the hub driver debounces the new connection for
+at least 100 ms before it sends anything, and the reply leaves in the same
+call.  Under kernel TLS the reply goes first (see
+:mod:`usbipx.daemon.serving`), so everything that can be refused is
+checked before replying, a free port included.
 """
 
 from __future__ import annotations
 
-import socket
-
 from loguru import logger
 
 from usbipx.daemon.policy import Policy
-from usbipx.daemon.server import Outcome, Peer
+from usbipx.daemon.serving import Outcome, Peer
 from usbipx.errors import ModuleNotLoaded, NoFreePort, UsbipError, ValidationError
 from usbipx.protocol import (
     DevlistReply,
@@ -36,6 +38,7 @@ from usbipx.protocol import (
     ExportRequest,
     ImportReply,
     ImportRequest,
+    Reply,
     Request,
     Speed,
     Status,
@@ -59,12 +62,15 @@ class UsbipaHandler:
 
     def _refuse(self, peer: Peer, dev: UsbDevice, reason: str,
                 status: Status = Status.ST_NA) -> Outcome:
-        logger.warning("refused export of {} from {}: {}", _describe(dev), peer.host, reason)
+        logger.warning("refused export of {} from {}: {}", _describe(dev), peer.name, reason)
         return Outcome(ExportReply(status))
 
-    def export(self, req: ExportRequest, peer: Peer, sock: socket.socket) -> Outcome:
+    def export(self, req: ExportRequest, peer: Peer) -> Outcome:
+        """Decide on an export; the attach itself is the outcome's handoff."""
         dev = req.device
-        reason = self.policy.refuse_peer(peer.host) or self.policy.refuse_device(dev)
+        reason = (self.policy.refuse_peer(peer.host)
+                  or (self.policy.refuse_identity(peer.identity) if peer.identity else None)
+                  or self.policy.refuse_device(dev, peer.identity))
         if reason:
             return self._refuse(peer, dev, reason)
         if dev.speed in (Speed.UNKNOWN, Speed.WIRELESS):
@@ -73,7 +79,7 @@ class UsbipaHandler:
             # One reading of vhci's state serves the whole decision.
             ports = self.vhci.ports()
             imported = self.vhci.prune_records(ports)
-            old = self.vhci.find(peer.host, dev.busid, imported)
+            old = self.vhci.find(peer.owner, dev.busid, imported)
             if old is not None and old.port.status != PortStatus.ERROR:
                 # Alive as far as vhci_hcd knows: maybe another board behind
                 # the same address, maybe a dead link the keepalive has not
@@ -82,71 +88,88 @@ class UsbipaHandler:
                     peer, dev, f"already attached on vhci port {old.port.port} and alive "
                     "(another device side behind the same address?)", Status.ST_DEV_BUSY)
             held = sum(1 for i in imported if i is not old
-                       and i.record is not None and i.record.host == peer.host)
-            reason = self.policy.refuse_count(held)
+                       and i.record is not None and i.record.owner == peer.owner)
+            reason = self.policy.refuse_count(held, peer.identity)
             if reason:
                 return self._refuse(peer, dev, reason)
-            if old is not None:
-                logger.info("replacing dead attachment of {} from {} on port {}",
-                            dev.busid, peer.host, old.port.port)
-                self.vhci.detach(old.port.port)
-            # A detach above made the reading stale: its port is free again.
-            port = self.vhci.attach(sock.fileno(), dev, peer.host, str(peer.port),
-                                    ports if old is None else None)
+            # Refused now, while the reply can still say so (the TLS paths
+            # may reply before they attach).
+            self.vhci.free_port(dev.speed, ports)
         except NoFreePort as exc:
             return self._refuse(peer, dev, str(exc), Status.ST_DEV_BUSY)
-        except ValidationError as exc:
-            return self._refuse(peer, dev, str(exc))
         except ModuleNotLoaded as exc:
             return self._refuse(peer, dev, str(exc), Status.ST_ERROR)
         except UsbipError as exc:
-            return self._refuse(peer, dev, f"attach failed: {exc}", Status.ST_DEV_ERR)
-        logger.info("attached {} exported by {}:{} on vhci port {}", _describe(dev), peer.host,
-                    peer.port, port)
+            return self._refuse(peer, dev, f"cannot read vhci_hcd: {exc}", Status.ST_ERROR)
+        attached: list[int] = []
+
+        def handoff(fd: int, transport: str) -> Reply | None:
+            try:
+                if old is not None:
+                    logger.info("replacing dead attachment of {} from {} on port {}",
+                                dev.busid, peer.name, old.port.port)
+                    self.vhci.detach(old.port.port)
+                # A detach above made the reading stale: its port is free again.
+                port = self.vhci.attach(fd, dev, peer.host, str(peer.port),
+                                        ports if old is None and transport == "tcp" else None,
+                                        transport=transport, identity=peer.identity)
+            except NoFreePort as exc:
+                return self._refuse(peer, dev, str(exc), Status.ST_DEV_BUSY).reply
+            except ValidationError as exc:
+                return self._refuse(peer, dev, str(exc)).reply
+            except ModuleNotLoaded as exc:
+                return self._refuse(peer, dev, str(exc), Status.ST_ERROR).reply
+            except UsbipError as exc:
+                return self._refuse(peer, dev, f"attach failed: {exc}", Status.ST_DEV_ERR).reply
+            attached.append(port)
+            logger.info("attached {} exported by {}:{} on vhci port {} ({})", _describe(dev),
+                        peer.name, peer.port, port, transport)
+            return None
 
         def undo() -> None:
-            logger.warning("reply to {} failed; detaching port {}", peer.host, port)
-            try:
-                self.vhci.detach(port)
-            except UsbipError as exc:
-                logger.error("could not detach port {}: {}", port, exc)
+            for port in attached:
+                logger.warning("reply to {} failed; detaching port {}", peer.name, port)
+                try:
+                    self.vhci.detach(port)
+                except UsbipError as exc:
+                    logger.error("could not detach port {}: {}", port, exc)
 
-        return Outcome(ExportReply(Status.ST_OK), undo)
+        return Outcome(ExportReply(Status.ST_OK), handoff, undo)
 
     def unexport(self, req: UnexportRequest, peer: Peer) -> Outcome:
         busid = req.device.busid
         reason = self.policy.refuse_peer(peer.host)
         if reason:
             # Before looking: the answer would tell which bus ids are attached.
-            logger.warning("refused unexport of {} from {}: {}", busid, peer.host, reason)
+            logger.warning("refused unexport of {} from {}: {}", busid, peer.name, reason)
             return Outcome(UnexportReply(Status.ST_NA))
         try:
             imported = self.vhci.prune_records()
-            mine = self.vhci.find(peer.host, busid, imported)
+            mine = self.vhci.find(peer.owner, busid, imported)
             if mine is None:
                 others = [i for i in imported
                           if i.record is not None and i.record.busid == busid]
                 if others:
                     logger.warning("refused unexport of {} from {}: exported by another peer",
-                                   busid, peer.host)
+                                   busid, peer.name)
                     return Outcome(UnexportReply(Status.ST_NA))
-                logger.info("unexport of {} from {}: not attached", busid, peer.host)
+                logger.info("unexport of {} from {}: not attached", busid, peer.name)
                 return Outcome(UnexportReply(Status.ST_NODEV))
             self.vhci.detach(mine.port.port)
         except UsbipError as exc:
-            logger.error("unexport of {} from {} failed: {}", busid, peer.host, exc)
+            logger.error("unexport of {} from {} failed: {}", busid, peer.name, exc)
             return Outcome(UnexportReply(Status.ST_ERROR))
-        logger.info("detached {} unexported by {} from port {}", busid, peer.host,
+        logger.info("detached {} unexported by {} from port {}", busid, peer.name,
                     mine.port.port)
         return Outcome(UnexportReply(Status.ST_OK))
 
-    def __call__(self, req: Request, peer: Peer, sock: socket.socket) -> Outcome:
+    def __call__(self, req: Request, peer: Peer) -> Outcome:
         if isinstance(req, ExportRequest):
-            return self.export(req, peer, sock)
+            return self.export(req, peer)
         if isinstance(req, UnexportRequest):
             return self.unexport(req, peer)
         # Listing and importing are usbipd's business.
-        logger.info("{} from {} refused: this is usbipa", type(req).__name__, peer.host)
+        logger.info("{} from {} refused: this is usbipa", type(req).__name__, peer.name)
         if isinstance(req, DevlistRequest):
             return Outcome(DevlistReply((), Status.ST_NA))
         assert isinstance(req, ImportRequest)

@@ -3,16 +3,15 @@
 The handler is a plain function of (request, peer, socket) to an
 :class:`~usbipx.daemon.server.Outcome`; sockets appear only in the server.
 As Linux's usbipd, an import hands the socket to the kernel first and
-replies after, so a failed handoff is reported to the client.
+replies after, so a failed handoff is reported to the client (under kernel
+TLS the reply must go first: see :mod:`usbipx.daemon.serving`).
 """
 
 from __future__ import annotations
 
-import socket
-
 from loguru import logger
 
-from usbipx.daemon.server import Outcome, Peer
+from usbipx.daemon.serving import Outcome, Peer
 from usbipx.driver import DeviceDriver, ExportStatus
 from usbipx.errors import DeviceNotFound, UsbipError, ValidationError
 from usbipx.protocol import (
@@ -22,6 +21,7 @@ from usbipx.protocol import (
     ExportRequest,
     ImportReply,
     ImportRequest,
+    Reply,
     Request,
     Status,
     UnexportReply,
@@ -43,35 +43,39 @@ class UsbipdHandler:
                 if d.status == ExportStatus.AVAILABLE]
         return DevlistReply(tuple(devs))
 
-    def import_device(self, req: ImportRequest, peer: Peer, sock: socket.socket) -> Outcome:
+    def import_device(self, req: ImportRequest, peer: Peer) -> Outcome:
         busid = req.busid
         try:
             dev = self.driver.get(busid)
         except (DeviceNotFound, ValidationError):
-            logger.info("import of {} by {}: no such exportable device", busid, peer.host)
+            logger.info("import of {} by {}: no such exportable device", busid, peer.name)
             return Outcome(ImportReply(Status.ST_NODEV))
         if dev.status is None:
-            logger.info("import of {} by {}: not bound to {}", busid, peer.host, self.driver.name)
+            logger.info("import of {} by {}: not bound to {}", busid, peer.name, self.driver.name)
             return Outcome(ImportReply(Status.ST_NODEV))
         if dev.status != ExportStatus.AVAILABLE:
-            logger.info("import of {} by {}: device is {}", busid, peer.host,
+            logger.info("import of {} by {}: device is {}", busid, peer.name,
                         dev.status.name.lower())
             return Outcome(ImportReply(_STATUS_OF[dev.status]))
-        try:
-            self.driver.handoff(busid, sock.fileno())
-        except UsbipError as exc:
-            logger.warning("import of {} by {}: handoff failed: {}", busid, peer.host, exc)
-            return Outcome(ImportReply(Status.ST_NA))
-        logger.info("exported {} to {}:{}", busid, peer.host, peer.port)
-        return Outcome(ImportReply(Status.ST_OK, dev.record))
 
-    def __call__(self, req: Request, peer: Peer, sock: socket.socket) -> Outcome:
+        def handoff(fd: int, transport: str) -> Reply | None:
+            try:
+                self.driver.handoff(busid, fd)
+            except UsbipError as exc:
+                logger.warning("import of {} by {}: handoff failed: {}", busid, peer.name, exc)
+                return ImportReply(Status.ST_NA)
+            logger.info("exported {} to {}:{} ({})", busid, peer.name, peer.port, transport)
+            return None
+
+        return Outcome(ImportReply(Status.ST_OK, dev.record), handoff)
+
+    def __call__(self, req: Request, peer: Peer) -> Outcome:
         if isinstance(req, DevlistRequest):
             return Outcome(self.devlist())
         if isinstance(req, ImportRequest):
-            return self.import_device(req, peer, sock)
+            return self.import_device(req, peer)
         # Exports go to usbipa, the application-side daemon.
-        logger.info("{} from {} refused: this is usbipd", type(req).__name__, peer.host)
+        logger.info("{} from {} refused: this is usbipd", type(req).__name__, peer.name)
         if isinstance(req, ExportRequest):
             return Outcome(ExportReply(Status.ST_NA))
         assert isinstance(req, UnexportRequest)

@@ -25,10 +25,11 @@ import os
 import random
 import select
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
@@ -40,11 +41,14 @@ from usbipx.gadget.live import read_gadget
 from usbipx.gadget.udc import gadget_on_udc
 from usbipx.gadget.vudc import VudcDriver
 from usbipx.lease import Lease
-from usbipx.net import Keepalive
 from usbipx.ownership import Owned, OwnershipStore
 from usbipx.procfs import Proc
 from usbipx.stubmode.host import HostDriver
 from usbipx.sysfs import Sysfs
+from usbipx.transport import Remote
+
+if TYPE_CHECKING:
+    from usbipx.relay import Relay
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -104,6 +108,8 @@ class Worker:
                                      else HostDriver(self.sysfs))
         self.lease: Lease | None = None
         self.exported = False
+        self.transport: str | None = None
+        self._relay: tuple[threading.Thread, threading.Event] | None = None
         self._last: tuple[str, str | None] | None = None
         self.log = logger.bind(export=job.key)
 
@@ -132,11 +138,12 @@ class Worker:
             return
         self._last = (state, error)
         self.report_fn({"state": str(state), "error": error, "remote": remote,
-                        "busid": self.busid})
+                        "busid": self.busid,
+                        "transport": self.transport if state == State.EXPORTED else None})
 
-    @property
-    def keepalive(self) -> Keepalive:
-        return self.server.keepalive
+    def remote(self) -> Remote:
+        """The usbipa to export to, with this worker's connect timeout."""
+        return self.server.remote(self.opts.connect_timeout)
 
     # -- the device ----------------------------------------------------------
 
@@ -212,14 +219,18 @@ class Worker:
                 self.sleep(self.opts.poll_interval)
         self.provision()
         assert self.busid is not None
-        remote = f"{self.server.host}:{self.server.port}"
+        remote = self.server.url
         if self.driver.status(self.busid) == ExportStatus.USED and self._adopt(remote):
             self.log.info("adopting the live export of {}", self.busid)
+            rec = self.store.read(self.job.key)
+            self.transport = rec.transport if rec is not None else None
         else:
             self.report(State.EXPORTING)
-            export_prepared(self.server.host, self.busid, self.driver, self.server.port,
-                            self.keepalive, timeout=self.opts.connect_timeout)
-            self.store.update(self.job.key, remote=remote)
+            path = export_prepared(self.remote(), self.busid, self.driver)
+            self.transport = path.transport
+            if path.relay is not None:
+                self._start_relay(path.relay)
+            self.store.update(self.job.key, remote=remote, transport=path.transport)
         self.exported = True
         self.backoff.reset()
         self.report(State.EXPORTED, remote=remote)
@@ -270,19 +281,38 @@ class Worker:
                 return
             if st != ExportStatus.USED:
                 self.exported = False
+                self._stop_relay()
                 self.report(State.BACKOFF, "export dropped: connection closed")
                 return
+
+    def _start_relay(self, relay: Relay) -> None:
+        """Carry the export's data: this worker is the relay (TLS without kernel TLS)."""
+        self._stop_relay()
+        stop = threading.Event()
+
+        def run() -> None:
+            self.log.info("relay of {} ended: {}", self.busid, relay.run(stop))
+
+        thread = threading.Thread(target=run, name=f"relay {self.busid}", daemon=True)
+        thread.start()
+        self._relay = (thread, stop)
+
+    def _stop_relay(self) -> None:
+        if self._relay is not None:
+            thread, stop = self._relay
+            stop.set()
+            thread.join(5)
+            self._relay = None
 
     def _unexport(self, local: bool) -> None:
         """Best effort: tell usbipa (frees its port at once), then withdraw locally."""
         self.exported = False
         assert self.busid is not None
         try:
-            unexport_device(self.server.host, self.busid, self.driver, self.server.port,
-                            force=local, keepalive=self.keepalive,
-                            timeout=self.opts.connect_timeout)
+            unexport_device(self.remote(), self.busid, self.driver, force=local)
         except UsbipError as exc:
             self.log.info("unexport of {}: {}", self.busid, exc)
+        self._stop_relay()
 
     def cleanup(self) -> None:
         """Unexport what we exported, then release the lease: a device we bound goes
@@ -331,14 +361,7 @@ def clean_leftovers(state_dir: str | Path, keep: set[str], sysfs: Sysfs | None =
         key = found.key
         rec: Owned | None = found
         if store.writer_alive(found):
-            for _ in range(50):
-                if not store.writer_alive(found):
-                    break
-                sleep(0.1)
-            else:
-                assert found.pid is not None
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(found.pid, signal.SIGKILL)
+            store.end_writer(found, 5.0, signal.SIGKILL, sleep)
             rec = store.read(key)
         if rec is None:
             continue  # its worker cleaned up after itself

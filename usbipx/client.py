@@ -9,6 +9,7 @@ the socket) sees the connection end and frees the device.
 from __future__ import annotations
 
 import contextlib
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -227,6 +228,9 @@ def withdraw(remote: Remote, busid: str, driver: DeviceDriver, store: OwnershipS
     validate_busid(busid)
     rec = store.read(busid)
     unexport_device(remote, busid, driver, force)
+    if rec is not None:
+        # A background relay ends by itself once usbipa has let go; if not, now.
+        store.end_writer(rec, 2.0, signal.SIGTERM)
     if rec is not None and rec.lease is not None:
         driver.release(rec.lease)
     store.remove(busid)

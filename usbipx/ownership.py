@@ -22,7 +22,10 @@ import errno
 import json
 import os
 import re
+import signal
 import stat
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,7 @@ from usbipx.procfs import Proc
 _KEY = re.compile(r"[A-Za-z0-9._:@-]{1,200}")
 _REMOTE = re.compile(r"[A-Za-z0-9._:\[\]/%-]{1,300}")
 _MAX_RECORD = 64 * 1024
+TRANSPORTS = ("tcp", "ktls", "tls-relay", "wss-relay")
 
 
 @dataclass(frozen=True)
@@ -45,13 +49,16 @@ class Owned:
     key: str
     lease: Lease | None = None
     remote: str | None = None
+    transport: str | None = None
+    """What carries the export's data (``tcp``, ``ktls``, ``tls-relay``)."""
     pid: int | None = None
     starttime: int | None = None
     cmdline: tuple[str, ...] = field(default=())
 
     def to_json(self) -> dict[str, Any]:
         return {"key": self.key, "lease": self.lease.to_json() if self.lease else None,
-                "remote": self.remote, "pid": self.pid, "starttime": self.starttime,
+                "remote": self.remote, "transport": self.transport, "pid": self.pid,
+                "starttime": self.starttime,
                 "cmdline": list(self.cmdline)}
 
     @classmethod
@@ -66,6 +73,9 @@ class Owned:
         remote = data.get("remote")
         if remote is not None and (not isinstance(remote, str) or not _REMOTE.fullmatch(remote)):
             raise ValidationError(f"bad remote {remote!r}")
+        transport = data.get("transport")
+        if transport is not None and transport not in TRANSPORTS:
+            raise ValidationError(f"bad transport {transport!r}")
         pid = data.get("pid")
         if pid is not None and (not isinstance(pid, int) or isinstance(pid, bool) or pid < 1):
             raise ValidationError(f"bad pid {pid!r}")
@@ -76,7 +86,7 @@ class Owned:
         cmdline = data.get("cmdline", [])
         if not isinstance(cmdline, list) or not all(isinstance(a, str) for a in cmdline):
             raise ValidationError("bad cmdline")
-        return cls(key, lease, remote, pid, start, tuple(cmdline))
+        return cls(key, lease, remote, transport, pid, start, tuple(cmdline))
 
 
 def _file_name(key: str) -> str:
@@ -207,3 +217,16 @@ class OwnershipStore:
             return False
         return (self.proc.starttime(record.pid) == record.starttime
                 and tuple(self.proc.cmdline(record.pid) or ()) == record.cmdline)
+
+    def end_writer(self, record: Owned, grace: float = 5.0, sig: int = signal.SIGKILL,
+                   sleep: Callable[[float], None] = time.sleep) -> None:
+        """Give the process that wrote ``record`` ``grace`` seconds to end by itself,
+        then send it ``sig`` -- only if it is that process (:meth:`writer_alive`)."""
+        steps = max(1, round(grace / 0.1))
+        for _ in range(steps):
+            if not self.writer_alive(record):
+                return
+            sleep(0.1)
+        if record.pid is not None and self.writer_alive(record):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(record.pid, sig)

@@ -30,6 +30,7 @@ from usbipx.errors import (
     ValidationError,
     with_context,
 )
+from usbipx.identity import is_identity
 from usbipx.names import validate_busid
 from usbipx.protocol import Speed, UsbDevice
 from usbipx.sysfs import Sysfs
@@ -40,7 +41,7 @@ _STATUS_LINE = re.compile(
     r"^(?P<hub>hs|ss)\s+(?P<port>\d+)\s+(?P<sta>\d+)\s+(?P<spd>\d+)\s+(?P<dev>[0-9a-fA-F]+)"
     r"\s+(?P<sockfd>\d+)\s+(?P<busid>\S+)\s*$"
 )
-_RECORD_FIELD = re.compile(r"^[A-Za-z0-9._:%\[\]-]{1,255}$")
+_RECORD_FIELD = re.compile(r"[A-Za-z0-9._:%\[\]-]{1,255}")
 
 
 class PortStatus(IntEnum):
@@ -159,7 +160,8 @@ class VhciDriver:
         raise NoFreePort(f"no free {hub} port on vhci_hcd for a {speed.label} device")
 
     def attach(self, sockfd: int, device: UsbDevice, host: str, service: str,
-               ports: list[VhciPort] | None = None) -> int:
+               ports: list[VhciPort] | None = None, transport: str = "tcp",
+               identity: str | None = None) -> int:
         """Attach the device behind connected socket ``sockfd``; return the port.
 
         ``ports`` is a fresh :meth:`ports` reading the caller already has.
@@ -187,7 +189,7 @@ class VhciDriver:
                 raise with_context(exc, f"attach {device.busid} to vhci port {port}") from exc
             break
         try:
-            self.write_record(port, PortRecord(host, service, device.busid))
+            self.write_record(port, PortRecord(host, service, device.busid, transport, identity))
         except (UsbipError, OSError) as exc:
             self.detach(port)
             raise UsbipError(f"attached to port {port} but could not record it: {exc}") from exc
@@ -210,10 +212,11 @@ class VhciDriver:
         return f"{STATE_DIR}/port{int(port)}"
 
     def write_record(self, port: int, record: PortRecord) -> None:
-        for value in (record.host, record.service, record.transport,
-                      *([record.identity] if record.identity is not None else [])):
+        for value in (record.host, record.service, record.transport):
             if not _RECORD_FIELD.fullmatch(value):
                 raise ValidationError(f"bad port record field {value!r}")
+        if record.identity is not None and not is_identity(record.identity):
+            raise ValidationError(f"bad identity {record.identity!r}")
         validate_busid(record.busid)
         self.sysfs.makedirs(STATE_DIR, mode=0o700)
         ours = record.transport + (f" {record.identity}" if record.identity is not None else "")
@@ -228,7 +231,8 @@ class VhciDriver:
         if len(parts) != 3:
             return None
         extra = lines[1].split() if len(lines) > 1 else []
-        if not all(_RECORD_FIELD.fullmatch(x) for x in [*parts, *extra]) or len(extra) > 2:
+        if (not all(_RECORD_FIELD.fullmatch(x) for x in [*parts, *extra[:1]]) or len(extra) > 2
+                or (len(extra) == 2 and not is_identity(extra[1]))):
             return None
         transport = extra[0] if extra else "tcp"
         identity = extra[1] if len(extra) == 2 else None
@@ -253,10 +257,11 @@ class VhciDriver:
         ports = self.ports() if ports is None else ports
         return [ImportedDevice(p, self.read_record(p.port)) for p in ports if not p.free]
 
-    def find(self, host: str, busid: str,
+    def find(self, owner: str, busid: str,
              imported: list[ImportedDevice] | None = None) -> ImportedDevice | None:
-        """The used port whose record says it leads to ``busid`` at ``host``."""
+        """The used port whose record says it leads to ``busid`` of ``owner`` (a TLS
+        peer's identity, or a plain peer's address: :attr:`PortRecord.owner`)."""
         for imp in self.imported() if imported is None else imported:
-            if imp.record and imp.record.host == host and imp.record.busid == busid:
+            if imp.record and imp.record.owner == owner and imp.record.busid == busid:
                 return imp
         return None

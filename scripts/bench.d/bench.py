@@ -25,6 +25,7 @@ from usbipx import log
 from usbipx.client import export_device, unexport_device
 from usbipx.driver import device_driver
 from usbipx.sysfs import Sysfs
+from usbipx.transport import Remote
 
 RESULTS: list[tuple[str, str, str]] = []
 
@@ -99,9 +100,10 @@ def bench_connect(rounds: int) -> None:
             lab.usbipx("-t", "3303", "disconnect", "-r", "127.0.0.1", "-b", busid)
             lab.wait_for(lambda: not lab.vhci_used_ports(), what="port free")
             t0 = time.monotonic()
-            export_device("127.0.0.1", busid, host, 3303)
+            res = export_device(Remote.tcp("127.0.0.1", 3303), busid, host)
             inproc.append(time_to_usable(t0))
-            unexport_device("127.0.0.1", busid, host, 3303)
+            unexport_device(Remote.tcp("127.0.0.1", 3303), busid, host)
+            host.release(res.lease)
             lab.wait_for(lambda: not lab.vhci_used_ports(), what="port free")
             t0 = time.monotonic()
             subprocess.run(["usbip", "bind", "-b", busid], check=True, capture_output=True)
@@ -131,8 +133,8 @@ def _export_all(busids: list[str], port: int) -> float:
 
     def one(b: str) -> None:
         try:
-            export_device("127.0.0.1", b, device_driver(sysfs, b.startswith("usbip-vudc")),
-                          port)
+            export_device(Remote.tcp("127.0.0.1", port), b,
+                          device_driver(sysfs, b.startswith("usbip-vudc")))
         except BaseException as exc:
             errors.append(exc)
 

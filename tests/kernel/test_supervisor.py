@@ -57,11 +57,13 @@ class Supervisor:
     """``usbipx supervisor run`` as a subprocess, with its notify and control sockets."""
 
     def __init__(self, tmp: Path, server: str, port: int, exports: list[str],
-                 ns: str | None = None, name: str = "sup") -> None:
+                 ns: str | None = None, name: str = "sup",
+                 server_section: str | None = None) -> None:
         self.tmp = tmp
         self.sock = str(tmp / f"{name}.sock")
         self.state_dir = str(tmp / "state")  # shared: a restarted supervisor finds its records
         self.config = tmp / f"{name}.toml"
+        self.server_section = server_section
         self.write_config(server, port, exports)
         self.notify_path = str(tmp / f"{name}-notify")
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -81,8 +83,9 @@ class Supervisor:
         assert "READY=1" in msg, msg
 
     def write_config(self, server: str, port: int, exports: list[str]) -> None:
+        section = self.server_section or f'host = "{server}"\nport = {port}\n'
         self.config.write_text(
-            f'[server]\nhost = "{server}"\nport = {port}\n\n' + "\n".join(exports)
+            f'[server]\n{section}\n' + "\n".join(exports)
             + f'\n[supervisor]\ncontrol_socket = "{self.sock}"\nstate_dir = "{self.state_dir}"\n'
         )
 

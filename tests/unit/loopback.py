@@ -1,8 +1,8 @@
 """A real :class:`usbipx.daemon.server.Server` on 127.0.0.1, served from a background thread.
 
-    with LoopbackServer(handler) as srv:           # handler: (request, peer, sock) -> Outcome
+    with LoopbackServer(handler) as srv:           # handler: (request, peer) -> Outcome
         sock = srv.connect()                        # a plain client socket
-        list_remote("127.0.0.1", srv.port)
+        list_remote(srv.remote)
 
 The server runs its own event loop in a daemon thread; leaving the block
 stops it (as SIGTERM would) and waits for the thread.  Handlers run in that
@@ -23,22 +23,34 @@ from typing import Any
 from fakekernel import FakeKernel
 
 from usbipx import protocol as p
-from usbipx.daemon.server import Handler, Outcome, Peer, PeerPolicy, Server, ServerConfig
+from usbipx.daemon.server import PeerPolicy, Server, ServerConfig
+from usbipx.daemon.serving import Handler, Outcome, Peer
+from usbipx.transport import Remote
 from usbipx.vhci import VhciDriver
 
 HOST = "127.0.0.1"
 
 
 class Spy:
-    """Wraps a handler to keep the requests, peers and server-side descriptors it saw."""
+    """Wraps a handler to keep the requests, peers and the descriptors the server
+    handed off (-1 for a request with no handoff)."""
 
     def __init__(self, inner: Handler) -> None:
         self.inner = inner
         self.calls: list[tuple[p.Request, Peer, int]] = []
 
-    def __call__(self, req: p.Request, peer: Peer, sock: socket.socket) -> Outcome:
-        self.calls.append((req, peer, sock.fileno()))
-        return self.inner(req, peer, sock)
+    def __call__(self, req: p.Request, peer: Peer) -> Outcome:
+        n = len(self.calls)
+        self.calls.append((req, peer, -1))
+        out = self.inner(req, peer)
+        give = out.handoff
+        if give is not None:
+            def handoff(fd: int, transport: str) -> p.Reply | None:
+                self.calls[n] = (req, peer, fd)
+                return give(fd, transport)
+
+            out.handoff = handoff
+        return out
 
     @property
     def fds(self) -> list[int]:
@@ -84,6 +96,11 @@ class LoopbackServer:
     @property
     def port(self) -> int:
         return self.server.addresses[0][1]
+
+    @property
+    def remote(self) -> Remote:
+        """How a client reaches this server (plain TCP)."""
+        return Remote.tcp(HOST, self.port)
 
     def connect(self, timeout: float = 5.0) -> socket.socket:
         """A plain blocking TCP connection to the server."""

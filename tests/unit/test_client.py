@@ -13,6 +13,7 @@ import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fakekernel import PLATFORM, STUB_DIR, USB_DEVICES, USB_DRIVERS, VHCI0, FakeKernel
@@ -31,7 +32,7 @@ from usbipx.client import (
     withdraw,
 )
 from usbipx.daemon.policy import Policy
-from usbipx.daemon.server import Outcome, Peer
+from usbipx.daemon.serving import Outcome, Peer
 from usbipx.daemon.usbipa import UsbipaHandler
 from usbipx.daemon.usbipd import UsbipdHandler
 from usbipx.errors import (
@@ -48,7 +49,14 @@ from usbipx.gadget.vudc import NoGadget, VudcDriver
 from usbipx.lease import Lease
 from usbipx.net import Keepalive
 from usbipx.stubmode.host import HostDriver
+from usbipx.transport import Remote
 from usbipx.vhci import STATE_DIR, VhciDriver
+
+
+def R(port: int, **kw: Any) -> Remote:
+    """Plain TCP to the loopback server on ``port``."""
+    return Remote.tcp(HOST, port, **kw)
+
 
 GOLDEN = Path(__file__).parent.parent / "fixtures" / "golden"
 DEVLIST_STUB = (GOLDEN / "devlist-reply-stub.bin").read_bytes()
@@ -81,7 +89,7 @@ def attach_fd(kernel: FakeKernel) -> int:
 @pytest.mark.scenario("host_bound", "vhci_free")
 def test_list_remote(kernel: FakeKernel, usbipd) -> None:
     srv, spy = usbipd
-    devs = list_remote(HOST, srv.port)
+    devs = list_remote(R(srv.port))
     assert p.DevlistReply(tuple(devs)).pack() == DEVLIST_STUB
     assert [r for r, _, _ in spy.calls] == [p.DevlistRequest()]
     assert kernel.writes == []
@@ -89,20 +97,20 @@ def test_list_remote(kernel: FakeKernel, usbipd) -> None:
 
 @pytest.mark.scenario("host_unbound", "vhci_free")
 def test_list_remote_with_nothing_exported(usbipd) -> None:
-    assert list_remote(HOST, usbipd[0].port) == []
+    assert list_remote(R(usbipd[0].port)) == []
 
 
 @pytest.mark.scenario("host_bound", "vhci_free")
 def test_list_remote_refused_by_usbipa(kernel: FakeKernel, usbipa) -> None:
     with pytest.raises(RemoteError, match=r"list devices of 127\.0\.0\.1: ST_NA") as info:
-        list_remote(HOST, usbipa[0].port)
+        list_remote(R(usbipa[0].port))
     assert info.value.status == p.Status.ST_NA
 
 
 @pytest.mark.scenario("host_bound", "vhci_free")
 def test_attach_remote(kernel: FakeKernel, usbipd) -> None:
     srv, spy = usbipd
-    res = attach_remote(HOST, "1-1", VhciDriver(kernel.sysfs), srv.port)
+    res = attach_remote(R(srv.port), "1-1", VhciDriver(kernel.sysfs))
     assert res == Attached(0, HOST, "1-1")
     (server_fd,) = spy.fds
     client_fd = attach_fd(kernel)
@@ -112,10 +120,10 @@ def test_attach_remote(kernel: FakeKernel, usbipd) -> None:
     assert records(kernel) == {"port0": f"127.0.0.1 {srv.port} 1-1\n"}
     assert kernel.stub_status["1-1"] == 2
     # Now in use: hidden from the list and busy for a second import.
-    assert list_remote(HOST, srv.port) == []
+    assert list_remote(R(srv.port)) == []
     kernel.clear_log()
     with pytest.raises(RemoteError, match="ST_DEV_BUSY") as info:
-        attach_remote(HOST, "1-1", VhciDriver(kernel.sysfs), srv.port)
+        attach_remote(R(srv.port), "1-1", VhciDriver(kernel.sysfs))
     assert info.value.status == p.Status.ST_DEV_BUSY
     assert kernel.writes == []
     assert used_ports(kernel) == [0]
@@ -124,7 +132,7 @@ def test_attach_remote(kernel: FakeKernel, usbipd) -> None:
 @pytest.mark.scenario("host_bound", "vhci_free")
 def test_attach_refused_attaches_nothing(kernel: FakeKernel, usbipd) -> None:
     with pytest.raises(RemoteError) as info:
-        attach_remote(HOST, "2-1", VhciDriver(kernel.sysfs), usbipd[0].port)
+        attach_remote(R(usbipd[0].port), "2-1", VhciDriver(kernel.sysfs))
     assert str(info.value) == "import 2-1 from 127.0.0.1: ST_NODEV: device not found"
     assert info.value.status == p.Status.ST_NODEV
     assert kernel.writes == []
@@ -136,7 +144,7 @@ def test_attach_refused_attaches_nothing(kernel: FakeKernel, usbipd) -> None:
 def test_failed_handoff_at_the_peer_attaches_nothing(kernel: FakeKernel, usbipd) -> None:
     kernel.fail(SOCKFD_1_1, errno.EINVAL)
     with pytest.raises(RemoteError, match="ST_NA"):
-        attach_remote(HOST, "1-1", VhciDriver(kernel.sysfs), usbipd[0].port)
+        attach_remote(R(usbipd[0].port), "1-1", VhciDriver(kernel.sysfs))
     assert [p_ for p_, _ in kernel.writes] == [SOCKFD_1_1]
     assert used_ports(kernel) == []
 
@@ -145,23 +153,23 @@ def test_failed_handoff_at_the_peer_attaches_nothing(kernel: FakeKernel, usbipd)
 def test_busid_mismatch_in_reply_attaches_nothing(kernel: FakeKernel) -> None:
     other = HostDriver(kernel.sysfs).get("1-1").record
 
-    def liar(req: p.Request, peer: Peer, sock: socket.socket) -> Outcome:
+    def liar(req: p.Request, peer: Peer) -> Outcome:
         return Outcome(p.ImportReply(p.Status.ST_OK, other))
 
     with LoopbackServer(liar) as srv, pytest.raises(ProtocolError,
                                                     match=r"asked for 1-1\.4, peer answered"):
-        attach_remote(HOST, "1-1.4", VhciDriver(kernel.sysfs), srv.port)
+        attach_remote(R(srv.port), "1-1.4", VhciDriver(kernel.sysfs))
     assert kernel.writes == []
     assert records(kernel) == {}
 
 
 @pytest.mark.scenario("host_bound", "vhci_free")
 def test_peer_closing_without_reply(kernel: FakeKernel) -> None:
-    def crash(req: p.Request, peer: Peer, sock: socket.socket) -> Outcome:
+    def crash(req: p.Request, peer: Peer) -> Outcome:
         raise RuntimeError("boom")
 
     with LoopbackServer(crash) as srv, pytest.raises(ProtocolError, match="closed by peer"):
-        attach_remote(HOST, "1-1", VhciDriver(kernel.sysfs), srv.port)
+        attach_remote(R(srv.port), "1-1", VhciDriver(kernel.sysfs))
     assert kernel.writes == []
 
 
@@ -170,7 +178,7 @@ def test_attach_checks_vhci_before_asking_the_peer(kernel: FakeKernel, usbipd) -
     srv, spy = usbipd
     kernel.unload("vhci-hcd")
     with pytest.raises(ModuleNotLoaded, match="vhci-hcd"):
-        attach_remote(HOST, "1-1", VhciDriver(kernel.sysfs), srv.port)
+        attach_remote(R(srv.port), "1-1", VhciDriver(kernel.sysfs))
     assert spy.calls == []
     assert kernel.stub_status["1-1"] == 1  # the peer did not export for nothing
 
@@ -179,19 +187,19 @@ def test_attach_checks_vhci_before_asking_the_peer(kernel: FakeKernel, usbipd) -
 def test_attach_bad_busid_and_unreachable_peer(kernel: FakeKernel) -> None:
     vhci = VhciDriver(kernel.sysfs)
     with pytest.raises(ValidationError, match="bad bus id"):
-        attach_remote(HOST, "1-1/../x", vhci, free_port())
+        attach_remote(R(free_port()), "1-1/../x", vhci)
     with pytest.raises(UsbipError, match=r"cannot connect to 127\.0\.0\.1:\d+"):
-        attach_remote(HOST, "1-1", vhci, free_port())
+        attach_remote(R(free_port()), "1-1", vhci)
     assert kernel.writes == []
 
 
 @pytest.mark.scenario("vhci_free")
 def test_reply_of_the_wrong_kind(kernel: FakeKernel) -> None:
-    def wrong(req: p.Request, peer: Peer, sock: socket.socket) -> Outcome:
+    def wrong(req: p.Request, peer: Peer) -> Outcome:
         return Outcome(p.DevlistReply())
 
     with LoopbackServer(wrong) as srv, pytest.raises(ProtocolError, match="reply code"):
-        attach_remote(HOST, "1-1", VhciDriver(kernel.sysfs), srv.port)
+        attach_remote(R(srv.port), "1-1", VhciDriver(kernel.sysfs))
     assert kernel.writes == []
 
 
@@ -202,7 +210,7 @@ def test_attach_without_a_free_port_records_nothing(kernel: FakeKernel, usbipd) 
         if (port // 15) % 2 == 0:
             kernel.vhci_plug(port)
     with pytest.raises(NoFreePort, match="no free hs port"):
-        attach_remote(HOST, "1-1", VhciDriver(kernel.sysfs), usbipd[0].port)
+        attach_remote(R(usbipd[0].port), "1-1", VhciDriver(kernel.sysfs))
     assert [path for path, _ in kernel.writes] == [SOCKFD_1_1]
     assert records(kernel) == {}
 
@@ -210,7 +218,7 @@ def test_attach_without_a_free_port_records_nothing(kernel: FakeKernel, usbipd) 
 @pytest.mark.scenario("host_bound", "vhci_free")
 def test_detach_port(kernel: FakeKernel, usbipd) -> None:
     vhci = VhciDriver(kernel.sysfs)
-    attach_remote(HOST, "1-1", vhci, usbipd[0].port)
+    attach_remote(R(usbipd[0].port), "1-1", vhci)
     kernel.clear_log()
     detach_port(0, vhci)
     assert kernel.writes == [(DETACH, "0")]
@@ -238,7 +246,7 @@ UNBIND_WRITES = [
 @pytest.mark.scenario("host_unbound", "vhci_free")
 def test_export_binds_then_hands_off(kernel: FakeKernel, usbipa) -> None:
     srv, spy = usbipa
-    res = export_device(HOST, "1-1", HostDriver(kernel.sysfs), srv.port)
+    res = export_device(R(srv.port), "1-1", HostDriver(kernel.sysfs))
     assert res == Exported(HOST, "1-1", Lease("usbip-host", "1-1", bound_here=True,
                                                original_driver="usb"))
     (req, peer, server_fd), = spy.calls
@@ -253,7 +261,7 @@ def test_export_binds_then_hands_off(kernel: FakeKernel, usbipa) -> None:
 
 @pytest.mark.scenario("host_bound", "vhci_free")
 def test_export_of_a_device_already_bound(kernel: FakeKernel, usbipa) -> None:
-    res = export_device(HOST, "1-1", HostDriver(kernel.sysfs), usbipa[0].port)
+    res = export_device(R(usbipa[0].port), "1-1", HostDriver(kernel.sysfs))
     assert res.bound_here is False
     assert [path for path, _ in kernel.writes] == [ATTACH, SOCKFD_1_1]
 
@@ -262,7 +270,7 @@ def test_export_of_a_device_already_bound(kernel: FakeKernel, usbipa) -> None:
 def test_refused_export_gives_the_device_back(kernel: FakeKernel) -> None:
     spy = Spy(UsbipaHandler(VhciDriver(kernel.sysfs), Policy(default="deny")))
     with LoopbackServer(spy) as srv, pytest.raises(RemoteError) as info:
-        export_device(HOST, "1-1", HostDriver(kernel.sysfs), srv.port)
+        export_device(R(srv.port), "1-1", HostDriver(kernel.sysfs))
     assert str(info.value) == ("export of 1-1 to 127.0.0.1 refused: "
                                "ST_NA: request refused (not allowed or not available)")
     assert len(spy.calls) == 1
@@ -276,7 +284,7 @@ def test_refused_export_gives_the_device_back(kernel: FakeKernel) -> None:
 def test_refused_export_of_a_device_bound_by_the_user_stays_bound(kernel: FakeKernel) -> None:
     with LoopbackServer(UsbipaHandler(VhciDriver(kernel.sysfs), Policy(default="deny"))) as srv, \
             pytest.raises(RemoteError):
-        export_device(HOST, "1-1", HostDriver(kernel.sysfs), srv.port)
+        export_device(R(srv.port), "1-1", HostDriver(kernel.sysfs))
     assert kernel.writes == []
     assert kernel.driver_of("1-1") == "usbip-host"
     assert kernel.stub_status["1-1"] == 1
@@ -288,14 +296,14 @@ def test_no_free_port_at_usbipa(kernel: FakeKernel, usbipa) -> None:
         if (port // 15) % 2 == 0:
             kernel.vhci_plug(port)
     with pytest.raises(RemoteError, match="ST_DEV_BUSY"):
-        export_device(HOST, "1-1", HostDriver(kernel.sysfs), usbipa[0].port)
+        export_device(R(usbipa[0].port), "1-1", HostDriver(kernel.sysfs))
     assert kernel.driver_of("1-1") == "usb"
 
 
 @pytest.mark.scenario("host_unbound", "vhci_free")
 def test_export_to_nobody_gives_the_device_back(kernel: FakeKernel) -> None:
     with pytest.raises(UsbipError, match="cannot connect"):
-        export_device(HOST, "1-1", HostDriver(kernel.sysfs), free_port())
+        export_device(R(free_port()), "1-1", HostDriver(kernel.sysfs))
     assert kernel.writes == EXPORT_WRITES + UNBIND_WRITES
     assert kernel.driver_of("1-1") == "usb"
 
@@ -307,7 +315,7 @@ def test_failed_local_handoff_detaches_at_usbipa_and_gives_the_device_back(
     device goes back (closing the socket is what ends the attachment at usbipa)."""
     kernel.fail(SOCKFD_1_1, errno.EINVAL)
     with pytest.raises(UsbipError, match="usbip_sockfd"):
-        export_device(HOST, "1-1", HostDriver(kernel.sysfs), usbipa[0].port)
+        export_device(R(usbipa[0].port), "1-1", HostDriver(kernel.sysfs))
     assert kernel.driver_of("1-1") == "usb"
 
 
@@ -317,14 +325,14 @@ def test_export_of_a_device_in_use_is_busy_before_connecting(kernel: FakeKernel,
     srv, spy = usbipa
     HostDriver(kernel.sysfs).handoff("1-1", 5)
     with pytest.raises(DeviceBusy, match="already exported"):
-        export_device(HOST, "1-1", HostDriver(kernel.sysfs), srv.port)
+        export_device(R(srv.port), "1-1", HostDriver(kernel.sysfs))
     assert spy.calls == []
 
 
 @pytest.mark.scenario("vudc", "vhci_free")
 def test_export_vudc(kernel: FakeKernel, usbipa) -> None:
     srv, spy = usbipa
-    res = export_device(HOST, V0, VudcDriver(kernel.sysfs), srv.port)
+    res = export_device(R(srv.port), V0, VudcDriver(kernel.sysfs))
     assert res == Exported(HOST, V0, Lease("usbip-vudc", V0, gadget="v1"))
     server_fd = spy.fds[0]
     client_fd = int(kernel.writes[-1][1])
@@ -338,7 +346,7 @@ def test_export_vudc(kernel: FakeKernel, usbipa) -> None:
 def test_export_vudc_without_gadget_is_a_clear_error(kernel: FakeKernel, usbipa) -> None:
     srv, spy = usbipa
     with pytest.raises(NoGadget, match=r"no gadget is bound to usbip-vudc\.1"):
-        export_device(HOST, V1, VudcDriver(kernel.sysfs), srv.port)
+        export_device(R(srv.port), V1, VudcDriver(kernel.sysfs))
     assert spy.calls == []
     assert kernel.writes == []
 
@@ -346,7 +354,7 @@ def test_export_vudc_without_gadget_is_a_clear_error(kernel: FakeKernel, usbipa)
 @pytest.mark.scenario("host_unbound", "vudc", "vhci_free")
 def test_export_vudc_with_stub_driver_is_refused(kernel: FakeKernel, usbipa) -> None:
     with pytest.raises(ValidationError, match="use --device"):
-        export_device(HOST, V0, HostDriver(kernel.sysfs), usbipa[0].port)
+        export_device(R(usbipa[0].port), V0, HostDriver(kernel.sysfs))
     assert usbipa[1].calls == []
 
 
@@ -355,9 +363,9 @@ def test_unexport_detaches_and_leaves_the_driver_alone(kernel: FakeKernel, usbip
     """Unexporting is not releasing: the device stays on usbip-host until its lease
     is released."""
     srv, spy = usbipa
-    export_device(HOST, "1-1", HostDriver(kernel.sysfs), srv.port)
+    export_device(R(srv.port), "1-1", HostDriver(kernel.sysfs))
     kernel.clear_log()
-    unexport_device(HOST, "1-1", HostDriver(kernel.sysfs), srv.port)
+    unexport_device(R(srv.port), "1-1", HostDriver(kernel.sysfs))
     assert isinstance(spy.calls[-1][0], p.UnexportRequest)
     assert kernel.writes == [(DETACH, "0")]
     assert used_ports(kernel) == []
@@ -369,12 +377,12 @@ def test_unexport_detaches_and_leaves_the_driver_alone(kernel: FakeKernel, usbip
 def test_withdraw_gives_back_a_device_connect_bound(kernel: FakeKernel, usbipa) -> None:
     srv, _ = usbipa
     store = export_records(kernel.sysfs)
-    export_device(HOST, "1-1", HostDriver(kernel.sysfs), srv.port, store=store)
+    export_device(R(srv.port), "1-1", HostDriver(kernel.sysfs), store=store)
     rec = store.read("1-1")
     assert rec is not None and rec.lease == Lease("usbip-host", "1-1", bound_here=True,
                                                   original_driver="usb")
     kernel.clear_log()
-    lease = withdraw(HOST, "1-1", HostDriver(kernel.sysfs), store, srv.port)
+    lease = withdraw(R(srv.port), "1-1", HostDriver(kernel.sysfs), store)
     assert lease is not None and lease.bound_here
     assert kernel.writes == [(DETACH, "0"), *UNBIND_WRITES]
     assert kernel.driver_of("1-1") == "usb"
@@ -388,10 +396,10 @@ def test_withdraw_leaves_a_device_the_user_bound_on_usbip_host(kernel: FakeKerne
     ``disconnect`` unexports it and leaves it bound."""
     srv, _ = usbipa
     store = export_records(kernel.sysfs)
-    export_device(HOST, "1-1", HostDriver(kernel.sysfs), srv.port, store=store)
+    export_device(R(srv.port), "1-1", HostDriver(kernel.sysfs), store=store)
     assert store.read("1-1") is None  # nothing taken, nothing recorded
     kernel.clear_log()
-    assert withdraw(HOST, "1-1", HostDriver(kernel.sysfs), store, srv.port) is None
+    assert withdraw(R(srv.port), "1-1", HostDriver(kernel.sysfs), store) is None
     assert kernel.writes == [(DETACH, "0")]
     assert kernel.driver_of("1-1") == "usbip-host"
 
@@ -400,17 +408,16 @@ def test_withdraw_leaves_a_device_the_user_bound_on_usbip_host(kernel: FakeKerne
 def test_a_failed_export_forgets_its_record(kernel: FakeKernel) -> None:
     store = export_records(kernel.sysfs)
     with pytest.raises(UsbipError, match="cannot connect"):
-        export_device(HOST, "1-1", HostDriver(kernel.sysfs), free_port(), store=store,
-                      timeout=2)
+        export_device(R(free_port(), timeout=2), "1-1", HostDriver(kernel.sysfs), store=store)
     assert store.read("1-1") is None
     assert kernel.driver_of("1-1") == "usb"
 
 
 @pytest.mark.scenario("vudc", "vhci_free")
 def test_unexport_vudc(kernel: FakeKernel, usbipa) -> None:
-    export_device(HOST, V0, VudcDriver(kernel.sysfs), usbipa[0].port)
+    export_device(R(usbipa[0].port), V0, VudcDriver(kernel.sysfs))
     kernel.clear_log()
-    unexport_device(HOST, V0, VudcDriver(kernel.sysfs), usbipa[0].port)
+    unexport_device(R(usbipa[0].port), V0, VudcDriver(kernel.sysfs))
     assert kernel.writes == [(DETACH, "0")]  # the vUDC sees its connection end
     assert used_ports(kernel) == []
 
@@ -418,7 +425,7 @@ def test_unexport_vudc(kernel: FakeKernel, usbipa) -> None:
 @pytest.mark.scenario("host_unbound", "vhci_free")
 def test_unexport_of_a_device_not_bound(kernel: FakeKernel, usbipa) -> None:
     with pytest.raises(UsbipError, match="1-1 is not exported"):
-        unexport_device(HOST, "1-1", HostDriver(kernel.sysfs), usbipa[0].port)
+        unexport_device(R(usbipa[0].port), "1-1", HostDriver(kernel.sysfs))
     assert usbipa[1].calls == []
 
 
@@ -426,14 +433,14 @@ def test_unexport_of_a_device_not_bound(kernel: FakeKernel, usbipa) -> None:
 def test_unexport_refused_keeps_the_export_unless_forced(kernel: FakeKernel, usbipa) -> None:
     srv, _ = usbipa
     host = HostDriver(kernel.sysfs)
-    export_device(HOST, "1-1", host, srv.port)
+    export_device(R(srv.port), "1-1", host)
     kernel.vhci_unplug(0)  # usbipa no longer knows the device
     kernel.clear_log()
     with pytest.raises(RemoteError, match="ST_NODEV"):
-        unexport_device(HOST, "1-1", host, srv.port)
+        unexport_device(R(srv.port), "1-1", host)
     assert kernel.writes == []
     assert kernel.stub_status["1-1"] == 2
-    unexport_device(HOST, "1-1", host, srv.port, force=True)
+    unexport_device(R(srv.port), "1-1", host, force=True)
     assert kernel.writes == [(SOCKFD_1_1, "-1")]
     assert kernel.stub_status["1-1"] == 1
 
@@ -442,13 +449,13 @@ def test_unexport_refused_keeps_the_export_unless_forced(kernel: FakeKernel, usb
 def test_force_unexport_when_usbipa_is_gone(kernel: FakeKernel) -> None:
     host = HostDriver(kernel.sysfs)
     with LoopbackServer(UsbipaHandler(VhciDriver(kernel.sysfs))) as srv:
-        export_device(HOST, "1-1", host, srv.port)
+        export_device(R(srv.port), "1-1", host)
         port = srv.port
     kernel.clear_log()
     with pytest.raises(UsbipError, match="cannot connect"):
-        unexport_device(HOST, "1-1", host, port)
+        unexport_device(R(port), "1-1", host)
     assert kernel.writes == []
-    unexport_device(HOST, "1-1", host, port, force=True)
+    unexport_device(R(port), "1-1", host, force=True)
     assert kernel.writes == [(SOCKFD_1_1, "-1")]
     assert kernel.stub_status["1-1"] == 1
 
@@ -473,7 +480,7 @@ def test_socket_handed_to_the_kernel_is_tuned(kernel: FakeKernel, usbipa) -> Non
             super().handoff(busid, sockfd)
 
     ka = Keepalive(6, 2, 5, 7000)
-    export_device(HOST, "1-1", Host(kernel.sysfs), usbipa[0].port, keepalive=ka)
+    export_device(R(usbipa[0].port, keepalive=ka), "1-1", Host(kernel.sysfs))
     assert seen["nodelay"] is True and seen["keepalive"] is True
     assert seen["timers"] == (6, 2, 5, 7000)
     assert seen["blocking"] is True  # the kernel reads it with blocking calls

@@ -21,7 +21,8 @@ from loguru import logger
 from loopback import HOST, LoopbackServer, read_to_eof
 
 from usbipx import protocol as p
-from usbipx.daemon.server import Outcome, Peer, Server, ServerConfig
+from usbipx.daemon.server import Server, ServerConfig
+from usbipx.daemon.serving import Outcome, Peer
 from usbipx.errors import UsbipError
 from usbipx.net import Keepalive
 
@@ -38,7 +39,7 @@ class Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[p.Request, Peer]] = []
 
-    def __call__(self, req: p.Request, peer: Peer, sock: socket.socket) -> Outcome:
+    def __call__(self, req: p.Request, peer: Peer) -> Outcome:
         self.calls.append((req, peer))
         if isinstance(req, p.ImportRequest):
             return Outcome(p.ImportReply(p.Status.ST_NODEV))
@@ -76,16 +77,20 @@ def test_request_is_read_exactly_and_the_rest_stays_in_the_socket() -> None:
     """What follows the request belongs to the kernel: the server must not read it."""
     seen: list[tuple[p.Request, bytes]] = []
 
-    def handler(req: p.Request, peer: Peer, sock: socket.socket) -> Outcome:
-        sock.settimeout(2.0)
-        rest = b""
-        while len(rest) < len(IMPORT_WITH_URBS) - 40:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            rest += chunk
-        seen.append((req, rest))
-        return Outcome(p.ImportReply(p.Status.ST_NODEV))
+    def handler(req: p.Request, peer: Peer) -> Outcome:
+        def handoff(fd: int, transport: str) -> p.Reply | None:
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                sock.settimeout(2.0)
+                rest = b""
+                while len(rest) < len(IMPORT_WITH_URBS) - 40:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        break
+                    rest += chunk
+            seen.append((req, rest))
+            return p.ImportReply(p.Status.ST_NODEV)
+
+        return Outcome(p.ImportReply(p.Status.ST_OK), handoff)
 
     with LoopbackServer(handler) as srv:
         assert exchange(srv, IMPORT_WITH_URBS) == p.ImportReply(p.Status.ST_NODEV).pack()
@@ -111,25 +116,28 @@ def test_handler_socket_is_tuned_blocking_and_connected() -> None:
     ka = Keepalive(idle=7, interval=2, count=4, user_timeout_ms=9000)
     opts: dict[str, int | bool | float | None] = {}
 
-    def handler(req: p.Request, peer: Peer, sock: socket.socket) -> Outcome:
-        g = sock.getsockopt
-        opts.update(
-            nodelay=g(socket.IPPROTO_TCP, socket.TCP_NODELAY),
-            keepalive=g(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
-            idle=g(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
-            intvl=g(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
-            cnt=g(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
-            user_timeout=g(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
-            blocking=sock.getblocking(),
-            timeout=sock.gettimeout(),
-        )
-        return Outcome(p.DevlistReply())
+    def handler(req: p.Request, peer: Peer) -> Outcome:
+        def handoff(fd: int, transport: str) -> None:
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                g = sock.getsockopt
+                opts.update(
+                    nodelay=g(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                    keepalive=g(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                    idle=g(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                    intvl=g(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                    cnt=g(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+                    user_timeout=g(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+                    blocking=os.get_blocking(fd),
+                    transport=transport,
+                )
+
+        return Outcome(p.DevlistReply(), handoff)
 
     with LoopbackServer(handler, keepalive=ka) as srv:
         assert exchange(srv, DEVLIST_REQ) == EMPTY_DEVLIST
     assert opts["nodelay"] != 0 and opts["keepalive"] != 0
     assert (opts["idle"], opts["intvl"], opts["cnt"], opts["user_timeout"]) == (7, 2, 4, 9000)
-    assert opts["blocking"] is True and opts["timeout"] is None
+    assert opts["blocking"] is True and opts["transport"] == "tcp"
 
 
 @pytest.mark.parametrize("junk", [
@@ -213,7 +221,7 @@ def test_max_connections() -> None:
 def test_handler_exception_costs_only_its_connection(logs: list[str]) -> None:
     calls = []
 
-    def handler(req: p.Request, peer: Peer, sock: socket.socket) -> Outcome:
+    def handler(req: p.Request, peer: Peer) -> Outcome:
         calls.append(req)
         if len(calls) == 1:
             raise RuntimeError("handler bug")
@@ -232,15 +240,19 @@ def test_undo_when_the_reply_cannot_be_delivered(logs: list[str]) -> None:
     undone = threading.Event()
     reset_seen = []
 
-    def handler(req: p.Request, peer: Peer, sock: socket.socket) -> Outcome:
+    def handler(req: p.Request, peer: Peer) -> Outcome:
         if reset_seen:  # later connections are served normally
             return Outcome(p.DevlistReply())
-        sock.settimeout(3.0)
-        try:
-            reset_seen.append(sock.recv(1) == b"")  # wait for the client's RST
-        except ConnectionResetError:
-            reset_seen.append(True)
-        return Outcome(p.DevlistReply(), undone.set)
+
+        def handoff(fd: int, transport: str) -> None:
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                sock.settimeout(3.0)
+                try:
+                    reset_seen.append(sock.recv(1) == b"")  # wait for the client's RST
+                except ConnectionResetError:
+                    reset_seen.append(True)
+
+        return Outcome(p.DevlistReply(), handoff, undone.set)
 
     with LoopbackServer(handler) as srv:
         c = srv.connect()
@@ -259,7 +271,7 @@ def test_undo_when_the_reply_cannot_be_delivered(logs: list[str]) -> None:
 def test_undo_is_not_called_when_the_reply_is_delivered() -> None:
     undone = []
 
-    def handler(req: p.Request, peer: Peer, sock: socket.socket) -> Outcome:
+    def handler(req: p.Request, peer: Peer) -> Outcome:
         return Outcome(p.DevlistReply(), lambda: undone.append(1))
 
     with LoopbackServer(handler) as srv:

@@ -19,7 +19,7 @@ from loguru import logger
 
 from usbipx import protocol as p
 from usbipx.daemon.policy import DeviceRule, Policy
-from usbipx.daemon.server import Outcome, Peer
+from usbipx.daemon.serving import Outcome, Peer, settle
 from usbipx.daemon.usbipa import UsbipaHandler
 from usbipx.vhci import STATE_DIR, VhciDriver
 
@@ -92,15 +92,18 @@ def port_in_error(kernel: FakeKernel, port: int) -> None:
     kernel.render_vhci_status(port // 30)
 
 
-def export(h: UsbipaHandler, new_sock, d: p.UsbDevice = D11, peer: Peer = A
-           ) -> tuple[Outcome, socket.socket]:
+def export(h: UsbipaHandler, new_sock, d: p.UsbDevice = D11, peer: Peer = A,
+           transport: str = "tcp") -> tuple[Outcome, socket.socket]:
+    """The outcome as the server carries it out: the handoff with a fresh socket, and
+    the reply that then goes out (a kernel refusal replaces the handler's)."""
     s = new_sock()
-    return h(p.ExportRequest(d), peer, s), s
+    out = h(p.ExportRequest(d), peer)
+    return Outcome(settle(out, s.fileno(), transport), undo=out.undo), s
 
 
 def unexport(h: UsbipaHandler, new_sock, d: p.UsbDevice = D11, peer: Peer = A) -> Outcome:
-    out = h(p.UnexportRequest(d), peer, new_sock())
-    assert out.undo is None
+    out = h(p.UnexportRequest(d), peer)
+    assert out.undo is None and out.handoff is None
     return out
 
 

@@ -17,7 +17,7 @@ from fakekernel import PLATFORM, USB_DEVICES, FakeKernel
 from loguru import logger
 
 from usbipx import protocol as p
-from usbipx.daemon.server import Outcome, Peer
+from usbipx.daemon.serving import Outcome, Peer, settle
 from usbipx.daemon.usbipd import UsbipdHandler
 from usbipx.gadget.vudc import VudcDriver
 from usbipx.stubmode.host import HostDriver
@@ -60,9 +60,11 @@ def vudc(kernel: FakeKernel) -> UsbipdHandler:
 
 
 def call(h: UsbipdHandler, req: p.Request, sock: socket.socket) -> Outcome:
-    out = h(req, PEER, sock)
+    """The handler's outcome as the server carries it out over plain TCP: the handoff
+    (if any) with ``sock``, and the reply that then goes out."""
+    out = h(req, PEER)
     assert out.undo is None  # usbipd never undoes: the kernel already holds the socket
-    return out
+    return Outcome(settle(out, sock.fileno(), "tcp"))
 
 
 # -- stub mode --------------------------------------------------------------------
