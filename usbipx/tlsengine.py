@@ -40,20 +40,16 @@ from typing import Any, cast
 from usbipx import ktls, tlskeylog
 from usbipx.errors import UsbipError, describe_errno
 from usbipx.ktls import KtlsUnavailable
+from usbipx.tlsrecord import (
+    CT_APPLICATION_DATA,
+    CT_CHANGE_CIPHER_SPEC,
+    HS_CLIENT_HELLO,
+    HS_SERVER_HELLO,
+    RECORD_HEADER,
+    HelloRandom,
+    RecordFramer,
+)
 
-RECORD_HEADER = 5
-MAX_RECORD_BODY = (1 << 14) + 2048
-"""TLSCiphertext.length limit (RFC 5246 6.2.3; TLS 1.3 allows less)."""
-
-CT_CHANGE_CIPHER_SPEC = 20
-CT_ALERT = 21
-CT_HANDSHAKE = 22
-CT_APPLICATION_DATA = 23
-
-_HS_CLIENT_HELLO = 1
-_HS_SERVER_HELLO = 2
-_HELLO_PREFIX = 38
-"""Handshake header (4), legacy_version (2), random (32)."""
 _READ_CHUNK = 1 << 16
 
 
@@ -80,66 +76,6 @@ def describe_ssl_error(exc: ssl.SSLError) -> str:
     if reason:
         return reason.lower().replace("_", " ")
     return str(exc) or type(exc).__name__
-
-
-def _record_length(header: bytes | bytearray) -> int:
-    """The body length of a record header; TlsError if it is no TLS record."""
-    content_type, major, length = header[0], header[1], int.from_bytes(header[3:5], "big")
-    if (content_type not in (CT_CHANGE_CIPHER_SPEC, CT_ALERT, CT_HANDSHAKE, CT_APPLICATION_DATA)
-            or major != 3 or length > MAX_RECORD_BODY):
-        raise TlsError(f"not a TLS record (header {bytes(header).hex()})")
-    return length
-
-
-class _Framer:
-    """Cuts a byte stream into whole TLS records, checking each header."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._size = RECORD_HEADER  # of the current record: header only until it is known
-
-    def needed(self) -> int:
-        return self._size - len(self._buf)
-
-    @property
-    def held(self) -> int:
-        """Bytes of an incomplete record."""
-        return len(self._buf)
-
-    def push(self, data: bytes | memoryview) -> bytes | None:
-        """Add at most :meth:`needed` bytes; the record they complete, if any."""
-        self._buf += data
-        if self._size == RECORD_HEADER and len(self._buf) == RECORD_HEADER:
-            self._size += _record_length(self._buf)
-        if len(self._buf) < self._size:
-            return None
-        record = bytes(self._buf)
-        self._buf.clear()
-        self._size = RECORD_HEADER
-        return record
-
-
-class _HelloRandom:
-    """The random of one direction's first handshake message (a plaintext hello),
-    which may be split over several records."""
-
-    def __init__(self, msg_type: int) -> None:
-        self._type = msg_type
-        self._buf = bytearray()
-        self.done = False
-        self.value = b""
-
-    def feed(self, record: bytes) -> None:
-        if self.done:
-            return
-        if record[0] != CT_HANDSHAKE:
-            self.done = True  # no hello first: nothing to learn
-            return
-        self._buf += record[RECORD_HEADER:RECORD_HEADER + _HELLO_PREFIX - len(self._buf)]
-        if len(self._buf) >= _HELLO_PREFIX:
-            self.done = True
-            if self._buf[0] == self._type:
-                self.value = bytes(self._buf[6:_HELLO_PREFIX])
 
 
 class TlsEngine:
@@ -171,11 +107,11 @@ class TlsEngine:
                 self._lease.release()
             raise
         self._release = weakref.finalize(self, _release, self._lease)
-        self._rx = _Framer()
-        self._tx = _Framer()
+        self._rx = RecordFramer()
+        self._tx = RecordFramer()
         self._out = bytearray()
-        self._hello_in = _HelloRandom(_HS_CLIENT_HELLO if server_side else _HS_SERVER_HELLO)
-        self._hello_out = _HelloRandom(_HS_SERVER_HELLO if server_side else _HS_CLIENT_HELLO)
+        self._hello_in = HelloRandom(HS_CLIENT_HELLO if server_side else HS_SERVER_HELLO)
+        self._hello_out = HelloRandom(HS_SERVER_HELLO if server_side else HS_CLIENT_HELLO)
         self._rx_count = 0
         self._tx_count = 0
         self._rx_ccs: list[int] = []  # record counts right after each ChangeCipherSpec
@@ -210,9 +146,9 @@ class TlsEngine:
             return
         try:
             record = self._rx.push(data)
-        except TlsError as exc:
-            self._failure = exc
-            raise
+        except ValueError as exc:  # not a TLS record: no way to resync
+            self._failure = TlsError(str(exc))
+            raise TlsError(str(exc)) from None
         if record is not None:
             self._received(record)
 

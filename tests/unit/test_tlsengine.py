@@ -397,6 +397,21 @@ def test_garbage_in_a_record_fails_the_handshake(pki):
         server.handshake()
 
 
+def test_client_hello_fragmented_over_tiny_records(pki):
+    """The client random is found even when the hello is split into 10-byte records."""
+    client, server = pair(pki)
+    client.handshake()
+    body = client.outgoing()[5:]
+    for i in range(0, len(body), 10):
+        chunk = body[i:i + 10]
+        server.receive_any(b"\x16\x03\x01" + len(chunk).to_bytes(2, "big") + chunk)
+        server.handshake()
+    connect(client, server)
+    request_reply(client, server)
+    tx, rx = infos(server)
+    check_against_openssl(server, tx, rx, client)
+
+
 def test_truncated_client_hello_waits_in_memory(pki):
     client, server = pair(pki)
     client.handshake()
