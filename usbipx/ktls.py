@@ -52,6 +52,8 @@ LABEL_CLIENT_TRAFFIC = "CLIENT_TRAFFIC_SECRET_0"
 LABEL_SERVER_TRAFFIC = "SERVER_TRAFFIC_SECRET_0"
 LABEL_MASTER = "CLIENT_RANDOM"
 """TLS 1.2: the line carrying the master secret."""
+KEY_LABELS = frozenset({LABEL_CLIENT_TRAFFIC, LABEL_SERVER_TRAFFIC, LABEL_MASTER})
+"""The only key log lines :func:`key_info` needs."""
 
 
 class KtlsUnavailable(UsbipError):

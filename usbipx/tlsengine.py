@@ -267,9 +267,11 @@ class TlsEngine:
             self._release.detach()
             lease, self._lease = self._lease, None
             try:
-                self._secrets = lease.take(self._client_random())
+                found = lease.take(self._client_random())
             except KtlsUnavailable as exc:
                 self._no_ktls = str(exc)
+            else:  # keep no more than the kernel needs (no handshake or exporter secrets)
+                self._secrets = {k: v for k, v in found.items() if k in ktls.KEY_LABELS}
 
     def _end_lease(self) -> None:
         """Give the key log lease back without taking the secrets (wiping them)."""
@@ -483,7 +485,11 @@ def _keeping_timeout(sock: socket.socket) -> Iterator[None]:
 
 def handshake_blocking(sock: socket.socket, engine: TlsEngine, deadline: float) -> None:
     """Run the handshake over ``sock`` by ``deadline`` (a :func:`time.monotonic`
-    value), reading one record at a time.  TlsError on failure or timeout."""
+    value), reading one record at a time.  TlsError on failure or timeout.
+
+    In TLS 1.3 a client's handshake completes before the server has checked
+    its certificate: a refusal shows as a TlsError at the first receive.
+    """
     clock = _Deadline(deadline, "no TLS handshake")
     with _keeping_timeout(sock):
         while True:

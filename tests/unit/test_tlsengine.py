@@ -443,6 +443,16 @@ def test_secrets_are_wiped_then_the_log_truncated(pki):
     assert keylog_lines(sctx) == (0, [])
 
 
+def test_engine_keeps_only_the_kernels_secrets_and_drops_them(pki):
+    client, server = pair(pki)
+    connect(client, server)
+    assert set(server._secrets) == {"CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0"}
+    server.kernel_crypto()
+    assert server._secrets == {}
+    client.close()
+    assert client._secrets == {}
+
+
 def test_failed_handshake_wipes_its_secrets(pki):
     sctx = pki.server_ctx()
     client = TlsEngine(pki.client_ctx("board", ca="other", trust="main"), False, "localhost")
