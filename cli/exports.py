@@ -55,7 +55,10 @@ def connect(
         from usbipx.background import run_relay
 
         # The relay records itself, so that disconnect can end it.
-        run_relay(res.path.relay, lambda: store.update(busid, remote=str(target)))
+        def record_relay() -> None:
+            store.update(busid, remote=str(target), transport=res.path.transport)
+
+        run_relay(res.path.relay, record_relay)
     if st.json:
         emit_json({"busid": busid, "host": target.host, "port": target.port,
                    "remote": str(target), "bound_here": res.bound_here,

@@ -115,8 +115,9 @@ def port(
         if imp.record:
             r = imp.record
             typer.echo(f"{p.local_busid:>10} -> usbip://{r.host}:{r.service}/{r.busid}")
-            who = f", identity {r.identity}" if r.identity else ""
-            typer.echo(f"           -> transport {r.transport}{who}")
+            if r.transport != "tcp" or r.identity:  # plain TCP: the C tools' lines only
+                who = f", identity {r.identity}" if r.identity else ""
+                typer.echo(f"           -> transport {r.transport}{who}")
         else:
             typer.echo(f"{p.local_busid:>10} -> unknown host, remote port and remote busid")
         typer.echo(f"           -> remote bus/dev {p.devid >> 16:03d}/{p.devid & 0xFFFF:03d}")

@@ -170,17 +170,18 @@ def _server(data: Any, base: Path, src: str) -> ServerSpec:
     _unknown(data, {"host", "port", "url", "cert", "key", "ca", "tls_data", "keepalive"},
              f"{src}: [server]")
     if ("url" in data) == ("host" in data):
-        raise ConfigError(f"{src}: [server] needs exactly one of host or url")
+        raise ConfigError(f"{src}: [server] needs exactly one of server.host or server.url")
     port = toml_int(data.get("port", USBIP_PORT), f"{src}: server.port", 1, 65535)
-    text = data.get("url", data.get("host"))
+    key = "url" if "url" in data else "host"
+    text = data[key]
     if not isinstance(text, str):
-        raise ConfigError(f"{src}: server.{'url' if 'url' in data else 'host'} must be a string")
+        raise ConfigError(f"{src}: server.{key} must be a string")
     if "url" in data and "port" in data:
         raise ConfigError(f"{src}: server.port goes with host; put the port in the url")
     try:
         endpoint = parse_endpoint(text, port)
     except ValidationError as exc:
-        raise ConfigError(f"{src}: server: {exc}") from None
+        raise ConfigError(f"{src}: server.{key}: {exc}") from None
     if "host" in data and endpoint.scheme != "tcp":
         raise ConfigError(f"{src}: server.host is a host name; use url = {text!r}")
     ka = DEFAULT_KEEPALIVE

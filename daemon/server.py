@@ -226,11 +226,12 @@ class Server:
                     conn.send(engine.outgoing())  # the alert, if any, tells the peer why
                 return False
             identity = peer_identity(engine.peercert())
-            why = ("its certificate names no usable identity" if identity is None
-                   else self.refuse_identity(identity) if self.refuse_identity else None)
-            if why or identity is None:
+            refused: str | None = "its certificate names no usable identity"
+            if identity is not None:
+                refused = self.refuse_identity(identity) if self.refuse_identity else None
+            if refused is not None or identity is None:
                 self.rejected += 1
-                self._log_refusal("identity", plain.host, f"refused {identity}: {why}")
+                self._log_refusal("identity", plain.host, f"refused {identity}: {refused}")
                 return False
             peer = replace(plain, identity=identity, transport="tls")
 

@@ -92,9 +92,11 @@ class UsbipaHandler:
             reason = self.policy.refuse_count(held, peer.identity)
             if reason:
                 return self._refuse(peer, dev, reason)
-            # Refused now, while the reply can still say so (the TLS paths
-            # may reply before they attach).
-            self.vhci.free_port(dev.speed, ports)
+            if old is None:
+                # Refused now, while the reply can still say so (kernel TLS
+                # replies before it attaches).  A dead attachment's port is
+                # freed for this one.
+                self.vhci.free_port(dev.speed, ports)
         except NoFreePort as exc:
             return self._refuse(peer, dev, str(exc), Status.ST_DEV_BUSY)
         except ModuleNotLoaded as exc:

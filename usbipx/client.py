@@ -52,7 +52,7 @@ def list_remote(remote: Remote) -> list[ExportableDevice]:
         rep = link.request(DevlistRequest())
     assert isinstance(rep, DevlistReply)
     if rep.status != Status.ST_OK:
-        raise RemoteError(rep.status, f"list devices of {remote}")
+        raise RemoteError(rep.status, f"list devices of {remote.label}")
     return list(rep.devices)
 
 
@@ -80,7 +80,7 @@ def attach_remote(remote: Remote, busid: str, vhci: VhciDriver) -> Attached:
         rep = link.request(req)
         assert isinstance(rep, ImportReply)
         if rep.status != Status.ST_OK or rep.device is None:
-            raise RemoteError(rep.status, f"import {busid} from {remote}")
+            raise RemoteError(rep.status, f"import {busid} from {remote.label}")
         device = rep.device
         if device.busid != busid:
             raise ProtocolError(f"asked for {busid}, peer answered with {device.busid}")
@@ -176,7 +176,7 @@ def export_prepared(remote: Remote, busid: str, driver: DeviceDriver) -> KernelP
     with _link(remote) as link:
         rep = link.request(ExportRequest(dev.record))
         if rep.status != Status.ST_OK:
-            raise RemoteError(rep.status, f"export of {busid} to {remote} refused",
+            raise RemoteError(rep.status, f"export of {busid} to {remote.label} refused",
                               ExportRequest.CODE)
         # usbipa has attached the device; from here the connection is URB
         # traffic, read by the kernel.
@@ -210,7 +210,7 @@ def unexport_device(remote: Remote, busid: str, driver: DeviceDriver,
         with _link(remote) as link:
             rep = link.request(UnexportRequest(record))
         if rep.status != Status.ST_OK:
-            raise RemoteError(rep.status, f"unexport of {busid} from {remote} refused")
+            raise RemoteError(rep.status, f"unexport of {busid} from {remote.label} refused")
     except UsbipError:
         if not force:
             raise

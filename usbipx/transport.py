@@ -86,6 +86,11 @@ class Remote:
     def __str__(self) -> str:
         return self.endpoint.hostport if self.endpoint.scheme == "tcp" else str(self.endpoint)
 
+    @property
+    def label(self) -> str:
+        """How messages name the peer: its host (plain TCP, as the C tools), else the URL."""
+        return self.host if self.endpoint.scheme == "tcp" else str(self.endpoint)
+
 
 @dataclass
 class KernelPath:

@@ -75,9 +75,10 @@ class PortRecord:
     """Where an attached port leads: ``/var/run/vhci_hcd/port<N>``.
 
     The first line is the C tools' ``"<host> <port> <busid>"`` (Debian's
-    ``usbip port`` reads only that line).  usbipx adds a second line with the
-    transport carrying the data (``tcp``, ``ktls``, ``tls-relay``) and, for a
-    TLS peer, its certificate identity: the peer an attachment belongs to.
+    ``usbip port`` reads three words and no further).  For a TLS peer usbipx
+    adds a second line with the transport carrying the data (``ktls``,
+    ``tls-relay``) and the peer's certificate identity: who the attachment
+    belongs to.  Plain TCP records are exactly the C tools' one line.
     """
 
     host: str
@@ -219,10 +220,11 @@ class VhciDriver:
             raise ValidationError(f"bad identity {record.identity!r}")
         validate_busid(record.busid)
         self.sysfs.makedirs(STATE_DIR, mode=0o700)
-        ours = record.transport + (f" {record.identity}" if record.identity is not None else "")
+        text = f"{record.host} {record.service} {record.busid}\n"
+        if record.transport != "tcp" or record.identity is not None:
+            text += record.transport + (f" {record.identity}\n" if record.identity else "\n")
         # Whole or not at all: no half-written record in /var/run.
-        self.sysfs.replace_text(self._record_path(port),
-                                f"{record.host} {record.service} {record.busid}\n{ours}\n")
+        self.sysfs.replace_text(self._record_path(port), text)
 
     def read_record(self, port: int) -> PortRecord | None:
         # Unreadable, missing or malformed all mean "no record".
@@ -236,7 +238,8 @@ class VhciDriver:
             return None
         transport = extra[0] if extra else "tcp"
         identity = extra[1] if len(extra) == 2 else None
-        return PortRecord(*parts, transport=transport, identity=identity)
+        host, service, busid = parts
+        return PortRecord(host, service, busid, transport, identity)
 
     def remove_record(self, port: int) -> None:
         # A missing record, or a state directory that is not one, means "no record".

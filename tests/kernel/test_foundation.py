@@ -262,7 +262,7 @@ def test_usbipd_detached_with_relative_pid_and_log_files(stub_disk, tmp_path: Pa
         subprocess.run(["usbip", "-t", str(port), "attach", "-r", "127.0.0.1", "-b", busid],
                        check=True, capture_output=True)
         assert_vhci_disk_matches(data)
-        assert f"usbipd listening on 0.0.0.0 port {port}" in (tmp_path / "u.log").read_text()
+        assert f"usbipd listening on tcp://0.0.0.0:{port}" in (tmp_path / "u.log").read_text()
     finally:
         os.kill(pid, signal.SIGTERM)
     wait_for(lambda: not running(), 10, what="usbipd to end")

@@ -289,6 +289,7 @@ def test_port_json(kernel: FakeKernel) -> None:
         "port": 0, "hub": "hs", "status": "used", "speed": "high", "devid": 0x00010002,
         "local_busid": "3-1", "id_vendor": None, "id_product": None,
         "host": "127.0.0.1", "remote_port": "3241", "remote_busid": "1-1",
+        "transport": "tcp", "identity": None,
     }]
 
 
@@ -491,7 +492,8 @@ def test_attach_then_port(kernel: FakeKernel, usbipd: LoopbackServer) -> None:
 @pytest.mark.scenario("host_bound", "vhci_free")
 def test_attach_json(kernel: FakeKernel, usbipd: LoopbackServer) -> None:
     assert json.loads(ok(run(kernel, "--json", "-t", str(usbipd.port), "attach", "-r", HOST,
-                             "-b", "1-1"))) == {"port": 0, "host": HOST, "busid": "1-1"}
+                             "-b", "1-1"))) == {"port": 0, "host": HOST, "busid": "1-1",
+                                                "transport": "tcp"}
 
 
 @pytest.mark.scenario("host_bound", "vhci_free")
@@ -522,7 +524,8 @@ def test_connect_and_disconnect(kernel: FakeKernel, usbipa: LoopbackServer) -> N
     assert not kernel.exists(f"{STATE_DIR}/port0")
     # Again, now with JSON output (the device is bound anew: bound_here).
     assert json.loads(ok(run(kernel, "--json", "-t", t, "connect", "-r", HOST, "-b", "1-1"))) \
-        == {"busid": "1-1", "host": HOST, "port": usbipa.port, "bound_here": True}
+        == {"busid": "1-1", "host": HOST, "port": usbipa.port, "bound_here": True,
+            "remote": f"{HOST}:{t}", "transport": "tcp"}
     assert ok(run(kernel, "-t", t, "disconnect", "-r", HOST, "-b", "1-1")) == \
         "unexported 1-1 from 127.0.0.1\n"
 

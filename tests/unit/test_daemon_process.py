@@ -108,7 +108,7 @@ def test_detached_daemon_writes_its_pid_logs_and_stops_on_sigterm(
     assert res.stderr == ""  # the terminal gets nothing once detached
     pid = int(pidfile.read_text())
     assert pid != os.getpid() and alive(pid)
-    assert f"{kind} listening on 127.0.0.1 port {res.port}" in logfile.read_text()
+    assert f"{kind} listening on tcp://127.0.0.1:{res.port}" in logfile.read_text()
     # It answers on its port: usbipd lists the bound 1-1, usbipa refuses to list.
     rep = devlist(res.port)
     assert isinstance(rep, p.DevlistReply)

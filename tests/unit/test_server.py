@@ -90,7 +90,7 @@ def test_request_is_read_exactly_and_the_rest_stays_in_the_socket() -> None:
             seen.append((req, rest))
             return p.ImportReply(p.Status.ST_NODEV)
 
-        return Outcome(p.ImportReply(p.Status.ST_OK), handoff)
+        return Outcome(p.ImportReply(p.Status.ST_NODEV), handoff)
 
     with LoopbackServer(handler) as srv:
         assert exchange(srv, IMPORT_WITH_URBS) == p.ImportReply(p.Status.ST_NODEV).pack()
@@ -272,7 +272,7 @@ def test_undo_is_not_called_when_the_reply_is_delivered() -> None:
     undone = []
 
     def handler(req: p.Request, peer: Peer) -> Outcome:
-        return Outcome(p.DevlistReply(), lambda: undone.append(1))
+        return Outcome(p.DevlistReply(), undo=lambda: undone.append(1))
 
     with LoopbackServer(handler) as srv:
         assert exchange(srv, DEVLIST_REQ) == EMPTY_DEVLIST
@@ -403,10 +403,10 @@ class FlakyListener(socket.socket):
 def test_a_failing_accept_does_not_stop_the_server(err: int, logs: list[str]) -> None:
     srv = LoopbackServer(Recorder())
     srv.server.open()
-    (listener,) = srv.server._listeners
+    ((listener, scheme),) = srv.server._listeners
     flaky = FlakyListener(listener.family, listener.type, fileno=listener.detach())
     flaky.failures = [err]
-    srv.server._listeners = [flaky]
+    srv.server._listeners = [(flaky, scheme)]
     with srv:
         assert exchange(srv, DEVLIST_REQ) == EMPTY_DEVLIST
         assert flaky.failures == []  # the failure did happen, before this client

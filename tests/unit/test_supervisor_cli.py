@@ -86,7 +86,8 @@ def sup() -> tuple[Supervisor, FakeSpawner, FakeClock]:
     s.start()
     p11 = spawner.pid_of("busid:1-1")
     s.on_report("busid:1-1", p11, "exporting")
-    s.on_report("busid:1-1", p11, "exported", remote="10.0.0.1:3240", busid="1-1")
+    s.on_report("busid:1-1", p11, "exported", remote="10.0.0.1:3240", busid="1-1",
+                transport="ktls")
     clock.advance(90061)  # 25 h 1 min 1 s
     spawner.exit(s, spawner.pid_of("busid:1-2"), 1)
     return s, spawner, clock
@@ -119,14 +120,15 @@ def test_status_table(control: ControlServer, sup) -> None:
     lines = res.stdout.splitlines()
     assert lines[0] == "supervisor: 1 backoff, 1 exported, 1 starting"
     header = lines[1].split()
-    assert header == ["EXPORT", "PID", "STATE", "FOR", "REMOTE", "UPTIME", "RESTARTS", "LAST",
-                      "ERROR"]
+    assert header == ["EXPORT", "PID", "STATE", "FOR", "REMOTE", "TRANSPORT", "UPTIME",
+                      "RESTARTS", "LAST", "ERROR"]
     rows = {line.split()[0]: line for line in lines[2:]}
     assert sorted(rows) == ["busid:1-1", "busid:1-2", "gadget:disk"]
     pid = spawner.pid_of("busid:1-1")
     assert rows["busid:1-1"].split() == ["busid:1-1", str(pid), "exported", "25:01:01",
-                                         "10.0.0.1:3240", "25:01:01", "0", "-"]
-    assert rows["busid:1-2"].split()[:7] == ["busid:1-2", "-", "backoff", "0s", "-", "-", "0"]
+                                         "10.0.0.1:3240", "ktls", "25:01:01", "0", "-"]
+    assert rows["busid:1-2"].split()[:8] == ["busid:1-2", "-", "backoff", "0s", "-", "-", "-",
+                                             "0"]
     assert rows["busid:1-2"].endswith("  worker exited with status 1")
     assert rows["gadget:disk"].split()[2] == "starting"
     # columns line up: every row has STATE where the header has it

@@ -42,7 +42,7 @@ def steady(sup: Supervisor, key: str, spawner: FakeSpawner, remote: str = "10.0.
            ) -> int:
     pid = spawner.pid_of(key)
     sup.on_report(key, pid, "exporting")
-    sup.on_report(key, pid, "exported", remote=remote)
+    sup.on_report(key, pid, "exported", remote=remote, transport="ktls")
     return pid
 
 
@@ -517,7 +517,7 @@ def test_status_and_summary() -> None:
     assert st["busid:1-1"] == {
         "export": "busid:1-1", "busid": "1-1", "gadget": None, "pid": p11,
         "state": "exported", "state_for": 75.2, "uptime": 75.2, "remote": "10.0.0.1:3240",
-        "restarts": 0, "last_error": None,
+        "transport": "ktls", "restarts": 0, "last_error": None,
     }
     assert st["busid:1-2"]["state"] == "waiting"
     assert st["busid:1-2"]["last_error"] == "device not present"

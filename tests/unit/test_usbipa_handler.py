@@ -472,7 +472,7 @@ def test_unexport_detach_failure_is_an_error(kernel: FakeKernel, vhci: VhciDrive
 def test_usbipd_requests_are_refused_at_usbipa(kernel: FakeKernel, vhci: VhciDriver, new_sock,
                                                logs: list[str], req: p.Request,
                                                reply: p.Reply) -> None:
-    out = UsbipaHandler(vhci)(req, A, new_sock())
+    out = UsbipaHandler(vhci)(req, A)
     assert out.reply == reply
     assert out.reply.pack() == reply.pack()[:8]  # status only, no body
     assert kernel.writes == []
