@@ -72,11 +72,12 @@ class LoopbackServer:
     was called before (a test may then replace its listeners)."""
 
     def __init__(self, handler: Handler, name: str = "test",
-                 refuse_peer: PeerPolicy | None = None, **cfg: Any) -> None:
+                 refuse_peer: PeerPolicy | None = None,
+                 refuse_identity: PeerPolicy | None = None, **cfg: Any) -> None:
         cfg.setdefault("port", 0)
         cfg.setdefault("ipv6", False)
         cfg.setdefault("bind_address", HOST)
-        self.server = Server(name, handler, ServerConfig(**cfg), refuse_peer)
+        self.server = Server(name, handler, ServerConfig(**cfg), refuse_peer, refuse_identity)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"server-{name}", daemon=True)
