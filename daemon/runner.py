@@ -59,6 +59,12 @@ async def run(config_path: str, sysfs: Sysfs | None = None) -> None:
             loop.add_reader(hotplug.fileno(), hotplug.readable)
         except Exception as exc:  # no libudev: vendor/product exports see only present devices
             logger.warning("no hotplug events ({}); devices plugged in later are not seen", exc)
+        if config.server.scheme == "tls" and config.server.data_path != "relay":
+            from usbipx import ktls
+
+            # Before the first export: loading the kernel's tls and gcm modules
+            # can take seconds, which workers should not spend mid-handoff.
+            await loop.run_in_executor(None, ktls.preload)
         sup.start(present_devices(sysfs))
         sdnotify.notify("READY=1")
         logger.info("supervisor {} running {} export(s)", os.getpid(), len(sup.slots))

@@ -282,8 +282,10 @@ class Server:
         if not await self._send_tls(conn, engine, outcome.reply.pack(), peer):
             return False
         try:
+            # The ULP first: if the kernel refuses it, the engine still has its
+            # keys and the relay can take over.
+            ktls.attach(conn)
             tx, rx = engine.kernel_crypto()
-            ktls.install(conn, tx, rx)
         except ktls.KtlsUnavailable as exc:
             if self.cfg.data_path == "ktls":
                 logger.error("{}: {}: kernel TLS unavailable: {}", self.name, peer.name, exc)
@@ -291,6 +293,11 @@ class Server:
             logger.info("{}: {}: kernel TLS unavailable ({}); relaying", self.name, peer.name,
                         exc)
             return await self._relay(conn, engine, peer, outcome, replied=True)
+        try:
+            ktls.install(conn, tx, rx)
+        except ktls.KtlsUnavailable as exc:
+            logger.error("{}: {}: {}", self.name, peer.name, exc)
+            return False
         conn.setblocking(True)
         if outcome.handoff(conn.fileno(), "ktls") is not None:
             logger.error("{}: {}: the kernel refused the connection after the reply",

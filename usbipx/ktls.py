@@ -248,30 +248,50 @@ def _check_info(info: bytes) -> None:
                          f"cipher {cipher_type}, {len(info)} bytes")
 
 
+def attach(sock: socket.socket) -> None:
+    """Attach the kernel's ``tls`` ULP to ``sock`` (nothing if it is attached already).
+
+    With no keys installed yet the socket still carries plain bytes, so a
+    caller that then cannot install keys (a cipher the kernel lacks) can still
+    relay over it.  :class:`KtlsUnavailable` if the kernel refuses (no ``tls``
+    module): the socket is unchanged.
+    """
+    if _ulp(sock) == b"tls":
+        return
+    _setsockopt(sock, "TCP_ULP tls", socket.IPPROTO_TCP, TCP_ULP, b"tls")
+
+
 def install(sock: socket.socket, tx_info: bytes, rx_info: bytes) -> None:
-    """Hand ``sock``'s record encryption to the kernel: ``TCP_ULP "tls"``, then
-    ``TLS_TX`` and ``TLS_RX`` (structs from :func:`key_info`).
+    """Hand ``sock``'s record encryption to the kernel: ``TCP_ULP "tls"`` (see
+    :func:`attach`), then ``TLS_TX`` and ``TLS_RX`` (structs from :func:`key_info`).
 
     Any refusal raises :class:`KtlsUnavailable` naming the step and the errno.
-    A socket where this failed part-way (e.g. TX set, RX refused) is in an
+    A socket where this failed after the ULP (e.g. TX set, RX refused) is in an
     undefined TLS state and must not be used any more, neither by the kernel
     nor for a relay: callers close it.  The first ``TLS_TX`` of a boot may take
     seconds while the kernel loads its AEAD (see :func:`preload`).
     """
     _check_info(tx_info)
     _check_info(rx_info)
-    steps = (
-        ("TCP_ULP tls", socket.IPPROTO_TCP, TCP_ULP, b"tls"),
-        ("TLS_TX", SOL_TLS, TLS_TX, tx_info),
-        ("TLS_RX", SOL_TLS, TLS_RX, rx_info),
-    )
-    for step, level, option, value in steps:
-        try:
-            sock.setsockopt(level, option, value)
-        except OSError as exc:
-            raise KtlsUnavailable(
-                f"kernel TLS: setsockopt {step} refused: {_errno_text(exc)}{_hint(step, exc)}"
-            ) from None
+    attach(sock)
+    _setsockopt(sock, "TLS_TX", SOL_TLS, TLS_TX, tx_info)
+    _setsockopt(sock, "TLS_RX", SOL_TLS, TLS_RX, rx_info)
+
+
+def _setsockopt(sock: socket.socket, step: str, level: int, option: int, value: bytes) -> None:
+    try:
+        sock.setsockopt(level, option, value)
+    except OSError as exc:
+        raise KtlsUnavailable(
+            f"kernel TLS: setsockopt {step} refused: {_errno_text(exc)}{_hint(step, exc)}"
+        ) from None
+
+
+def _ulp(sock: socket.socket) -> bytes | None:
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, TCP_ULP, TCP_ULP_NAME_MAX).rstrip(b"\0")
+    except OSError:
+        return None
 
 
 def _errno_text(exc: OSError) -> str:
@@ -292,11 +312,7 @@ def is_ktls(sock: socket.socket) -> bool:
     kernel answers that size without copying the keys out, which the full
     40/56-byte struct would.
     """
-    try:
-        ulp = sock.getsockopt(socket.IPPROTO_TCP, TCP_ULP, TCP_ULP_NAME_MAX)
-    except OSError:
-        return False
-    if ulp.rstrip(b"\0") != b"tls":
+    if _ulp(sock) != b"tls":
         return False
     for option in (TLS_TX, TLS_RX):
         try:

@@ -110,6 +110,7 @@ class Link:
         self.sock = sock
         self.engine = engine
         self.deadline = deadline if deadline is not None else time.monotonic() + remote.timeout
+        self.relayed = False
 
     def _left(self) -> float:
         left = self.deadline - time.monotonic()
@@ -156,13 +157,16 @@ class Link:
         engine = self.engine
         if self.remote.data_path != "relay":
             try:
+                # The ULP first: if the kernel refuses it (no tls module), the
+                # engine has not given up its keys and the relay can take over.
+                ktls.attach(self.sock)
                 tx, rx = engine.kernel_crypto()
-                ktls.install(self.sock, tx, rx)
             except ktls.KtlsUnavailable as exc:
                 if self.remote.data_path == "ktls":
                     raise
                 logger.info("kernel TLS unavailable ({}); relaying in user space", exc)
             else:
+                ktls.install(self.sock, tx, rx)
                 give(self.sock.fileno())
                 return KernelPath("ktls")
         kernel_end, relay_end = relay_pair()
@@ -173,12 +177,15 @@ class Link:
             raise
         finally:
             kernel_end.close()  # the kernel holds its own reference now
+        self.relayed = True  # the relay owns the connection now
         return KernelPath("tls-relay", Relay(relay_end, self.sock, engine,
                                              name=str(self.remote)))
 
     def close(self) -> None:
-        """Close our descriptor (the kernel, or a relay, keeps the connection alive)."""
-        self.sock.close()
+        """Close our descriptor: the kernel keeps the connection alive on its own
+        reference.  A relay's connection is the relay's to close."""
+        if not self.relayed:
+            self.sock.close()
 
 
 def open_link(remote: Remote) -> Link:

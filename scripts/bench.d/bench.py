@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "kernel"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import labkit as lab
 
@@ -345,7 +346,7 @@ def main() -> int:
     ap.add_argument("--load", required=True, help="the compiled DEVLIST load generator")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", nargs="*",
-                    default=["devlist", "connect", "concurrent", "supervisor"])
+                    default=["devlist", "connect", "concurrent", "supervisor", "tls"])
     a = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
     log.configure(level="WARNING")
@@ -359,6 +360,10 @@ def main() -> int:
         bench_concurrent(a.rounds)
     if "supervisor" in a.only:
         bench_supervisor(a.rounds)
+    if "tls" in a.only:
+        from bench_tls import bench_tls
+
+        bench_tls(result, a.rounds)
     section("summary (inside the VM)")
     for name, value, goal in RESULTS:
         print(f"  {name:<36} {value:>10}   goal {goal}")

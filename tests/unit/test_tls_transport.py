@@ -8,6 +8,8 @@ who may connect, who owns what, what the records say, what the board is told.
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -177,3 +179,63 @@ def test_tls_without_files_is_refused_before_dialing(fs: Any) -> None:
     with pytest.raises(ConfigError, match="needs --cert, --key and --ca"):
         Remote(Endpoint("tls", HOST, 1))
     assert p.Status.ST_OK == 0
+
+
+class HoldingHost(HostDriver):
+    """usbip-host that keeps its own reference to the socket it is handed, as the
+    kernel does (the caller closes its descriptor right after)."""
+
+    held: socket.socket | None = None
+
+    def handoff(self, busid: str, sockfd: int) -> None:
+        self.held = socket.fromfd(sockfd, socket.AF_UNIX, socket.SOCK_STREAM)
+        super().handoff(busid, sockfd)
+
+
+@pytest.mark.scenario("host_unbound", "vhci_free")
+def test_both_relays_carry_the_data_and_end_together(kernel: FakeKernel, seen: Pki) -> None:
+    """Board relay <-> TLS <-> usbipa relay: bytes the board's "kernel" writes come out
+    of the application side's "kernel" socket and back; closing one end ends all."""
+    app: list[socket.socket] = []
+    inner = UsbipaHandler(VhciDriver(kernel.sysfs))
+
+    def handler(req: p.Request, peer: Any) -> Any:
+        out = inner(req, peer)
+        give = out.handoff
+        if give is not None:
+            def handoff(fd: int, transport: str) -> p.Reply | None:
+                app.append(socket.fromfd(fd, socket.AF_UNIX, socket.SOCK_STREAM))
+                return give(fd, transport)
+
+            out.handoff = handoff
+        return out
+
+    host = HoldingHost(kernel.sysfs)
+    with tls_server(kernel, seen, handler) as srv:
+        res = export_device(remote(srv, seen), "1-1", host)
+        assert res.path.relay is not None and host.held is not None and len(app) == 1
+        board_relay = threading.Thread(target=res.path.relay.run, daemon=True)
+        board_relay.start()
+        board, server = host.held, app[0]
+        payload = bytes(range(256)) * 4096  # 1 MiB
+        threading.Thread(target=board.sendall, args=(payload,), daemon=True).start()
+        assert _recv_exactly(server, len(payload)) == payload
+        server.sendall(b"RET_SUBMIT" * 1000)
+        assert _recv_exactly(board, 10000) == b"RET_SUBMIT" * 1000
+        board.close()  # the board's kernel lets go: everything downstream ends
+        server.settimeout(10)
+        assert server.recv(1) == b""
+        board_relay.join(10)
+        assert not board_relay.is_alive()
+        assert res.path.relay.stats.to_network == len(payload)
+        server.close()
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    sock.settimeout(10)
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        assert chunk, "connection ended early"
+        buf += chunk
+    return buf

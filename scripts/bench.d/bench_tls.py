@@ -1,0 +1,93 @@
+"""TLS figures for scripts/bench (inside the lab VM): sequential read throughput of a
+64 MB disk exported over plain TCP, kernel TLS and the relay, and connect-to-usable
+time over TLS against plain TCP -- all in one VM run, as ratios to plain TCP."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import labkit as lab
+
+DISK_MB = 64
+
+
+def _pki(tmp: Path) -> list[str]:
+    ca = tmp / "pki"
+    lab.usbipx("pki", "init", str(ca))
+    lab.usbipx("pki", "issue", str(ca), "server", "--server", "localhost")
+    lab.usbipx("pki", "issue", str(ca), "board")
+    return ["--cert", str(ca / "board.crt"), "--key", str(ca / "board.key"),
+            "--ca", str(ca / "ca.crt")]
+
+
+def _read_all(dev: str, size: int) -> float:
+    """Seconds to read ``size`` bytes of ``dev`` sequentially, bypassing the page cache."""
+    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+    try:
+        import mmap
+
+        buf = mmap.mmap(-1, 1 << 20)  # page-aligned, as O_DIRECT needs
+        t0 = time.monotonic()
+        done = 0
+        while done < size:
+            n = os.readv(fd, [buf])
+            if n <= 0:
+                break
+            done += n
+        return time.monotonic() - t0
+    finally:
+        os.close(fd)
+
+
+def bench_tls(result: Callable[[str, str, str], None], rounds: int) -> None:
+    print("\n== TLS: read throughput of a 64 MB disk and connect-to-usable, vs plain TCP",
+          flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-tls-"))
+    board = _pki(tmp)
+    server = ["--cert", str(tmp / "pki/server.crt"), "--key", str(tmp / "pki/server.key"),
+              "--ca", str(tmp / "pki/ca.crt")]
+    disk = tmp / "disk.img"
+    lab.make_disk(disk, DISK_MB)
+    lab.mass_storage_gadget("benchtls", disk, "dummy_udc.0")
+    busid = lab.usb_busid_on_udc("dummy_udc.0")
+    lab.wait_for(lambda: lab.driver_of(busid) == "usb", what="the bench disk")
+    usbipa = lab.Daemon([lab.USBIPX, "usbipa", "-t", "3310", "--listen", "tcp://127.0.0.1:3311",
+                         "--listen", "tls://127.0.0.1:3310", *server], 3310)
+    # kind: (port, remote, connect options, disconnect options)
+    paths = {"tcp": ("3311", "127.0.0.1", [], []),
+             "ktls": ("3310", "tls://localhost", board, board),
+             "tls-relay": ("3310", "tls://localhost", ["--tls-data", "relay", *board], board)}
+    speed: dict[str, list[float]] = {k: [] for k in paths}
+    usable: dict[str, list[float]] = {k: [] for k in paths}
+    try:
+        for _ in range(rounds):
+            for kind, (port, remote, opts, dopts) in paths.items():  # interleaved
+                t0 = time.monotonic()
+                lab.usbipx("-t", port, "connect", "-r", remote, "-b", busid, *opts)
+                dev = lab.vhci_disk(60)
+                lab.read_block(dev, 4096)
+                usable[kind].append(time.monotonic() - t0)
+                took = _read_all(dev, DISK_MB << 20)
+                speed[kind].append(DISK_MB / took)
+                lab.usbipx("-t", port, "disconnect", "-r", remote, "-b", busid, *dopts)
+                lab.wait_for(lambda: not lab.vhci_used_ports(), 30, what="the port free")
+                lab.wait_for(lambda: lab.driver_of(busid) == "usb", 30, what="the driver")
+        med = {k: statistics.median(v) for k, v in speed.items()}
+        use = {k: statistics.median(v) for k, v in usable.items()}
+        for k in paths:
+            print(f"  {k:>9}: {med[k]:.2f} MB/s read, connect-to-usable {use[k]:.2f} s "
+                  f"(median of {rounds})")
+        result("read throughput kernel TLS/plain", f"{med['ktls'] / med['tcp']:.2f}x",
+               ">= 0.9x")
+        result("read throughput TLS relay/plain", f"{med['tls-relay'] / med['tcp']:.2f}x",
+               ">= 0.6x")
+        result("connect-to-usable TLS (ktls)/plain", f"{use['ktls'] / use['tcp']:.2f}x",
+               "(reported)")
+    finally:
+        usbipa.stop()
+        lab.reset_usbip()
