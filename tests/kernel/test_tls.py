@@ -111,7 +111,8 @@ def port_transport() -> str:
 @pytest.mark.parametrize("data_path", ["auto", "relay"])
 def test_connect_disconnect_stub_over_tls(stub_disk, daemons, pki, data_path) -> None:
     busid, data = stub_disk
-    a = tls_daemon(daemons, "usbipa", pki)
+    # Each end chooses its own data path; here both make the same choice.
+    a = tls_daemon(daemons, "usbipa", pki, "--tls-data", data_path)
     res = usbipx("-t", str(a.port), "connect", "-r", f"tls://{HOSTNAME}", "-b", busid,
                  "--tls-data", data_path, *creds(pki, "board-1"))
     want = "ktls" if data_path == "auto" else "tls-relay"
