@@ -98,7 +98,12 @@ CA = typer.Option(None, "--ca", metavar="FILE",
 TLS_DATA = typer.Option(
     "auto", "--tls-data", metavar="auto|ktls|relay",
     help="TLS data path: kernel TLS where it works (auto), or forced.")
-REMOTE_HELP = "HOST, tcp://HOST[:PORT] or tls://HOST[:PORT] (mutual TLS: --cert --key --ca)."
+PROXY = typer.Option(
+    None, "--proxy", metavar="URL",
+    help="HTTP proxy for wss:// (http://[USER:PASS@]HOST:PORT); default: https_proxy, "
+         "wss_proxy, no_proxy from the environment.")
+REMOTE_HELP = ("HOST, tcp://HOST[:PORT], tls://HOST[:PORT] or wss://HOST[:PORT]/PATH "
+               "(mutual TLS: --cert --key --ca).")
 
 
 def tls_files(cert: str | None, key: str | None, ca: str | None) -> TlsFiles | None:
@@ -110,13 +115,14 @@ def tls_files(cert: str | None, key: str | None, ca: str | None) -> TlsFiles | N
 
 def remote(st: State, text: str, cert: str | None = None, key: str | None = None,
            ca: str | None = None, keepalive_opt: str | None = None,
-           tls_data: str = "auto") -> Remote:
+           tls_data: str = "auto", proxy: str | None = None) -> Remote:
     """The peer ``-r`` names, with the TLS files and timers to reach it."""
     from usbipx.transport import Remote
 
     endpoint = parse_endpoint(text, st.tcp_port)
     files = tls_files(cert, key, ca) if endpoint.secure else None
-    return Remote(endpoint, files, keepalive(keepalive_opt), data_path=data_path(tls_data))
+    return Remote(endpoint, files, keepalive(keepalive_opt), data_path=data_path(tls_data),
+                  proxy=proxy)
 
 
 def data_path(tls_data: str) -> DataPath:

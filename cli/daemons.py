@@ -134,15 +134,12 @@ def _config(st: State, ipv4: bool, ipv6: bool, tcp_port: int | None, keepalive: 
         raise UsbipError("-4 and -6 are exclusive; give neither to listen on both")
     port = tcp_port or st.tcp_port
     endpoints = tuple(parse_endpoint(u, port) for u in listen or [])
-    for ep in endpoints:
-        if ep.scheme == "wss":
-            raise UsbipError(f"--listen {ep}: wss:// is not supported yet; use tls://")
     if endpoints and (ipv4 or ipv6 or address):
         raise UsbipError("--listen names the addresses; -4, -6 and --address go without it")
     secure = any(ep.secure for ep in endpoints)
     files = tls_files(cert, key, ca) if secure else None
     if files is None and secure:
-        raise UsbipError("a tls:// listener needs --cert, --key and --ca "
+        raise UsbipError("tls:// and wss:// listeners need --cert, --key and --ca "
                          "(or USBIPX_CERT, USBIPX_KEY, USBIPX_CA)")
     return ServerConfig(port=port, ipv4=not ipv6, ipv6=not ipv4,
                         bind_address=address, keepalive=keepalive,
@@ -153,8 +150,8 @@ def _config(st: State, ipv4: bool, ipv6: bool, tcp_port: int | None, keepalive: 
 MAX_CONNECTIONS_HELP = "Most connections served at once (default 256)."
 LISTEN = typer.Option(
     None, "--listen", "-l", metavar="URL",
-    help="Listen on tcp://ADDR:PORT or tls://ADDR:PORT (repeatable; default: plain TCP "
-         "on every address, port -t).")
+    help="Listen on tcp://ADDR:PORT, tls://ADDR:PORT or wss://ADDR:PORT/PATH (repeatable; "
+         "default: plain TCP on every address, port -t).")
 MAX_PER_ADDRESS_HELP = "Most connections from one address at once (default 64)."
 
 

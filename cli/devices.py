@@ -7,7 +7,7 @@ from typing import Any
 import typer
 
 from usbipx import usbids
-from usbipx.cli.common import CA, CERT, KEY, REMOTE_HELP, emit_json, handle_errors, state
+from usbipx.cli.common import CA, CERT, KEY, PROXY, REMOTE_HELP, emit_json, handle_errors, state
 from usbipx.cli.common import remote as remote_of
 from usbipx.driver import LocalDevice
 from usbipx.errors import UsbipError
@@ -100,6 +100,7 @@ def list_cmd(
     cert: str | None = CERT,
     key: str | None = KEY,
     ca: str | None = CA,
+    proxy: str | None = PROXY,
 ) -> None:
     """List local devices (-l), vUDC gadgets (-d) or a remote usbipd's devices (-r)."""
     st = state(ctx)
@@ -110,7 +111,7 @@ def list_cmd(
     if remote is not None:
         from usbipx.client import list_remote
 
-        devs = list_remote(remote_of(st, remote, cert, key, ca))
+        devs = list_remote(remote_of(st, remote, cert, key, ca, proxy=proxy))
         if as_json:
             emit_json([device_json(e.device, e.interfaces) for e in devs])
         else:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import typer
 
 from usbipx.cli.common import (
@@ -9,6 +12,7 @@ from usbipx.cli.common import (
     CERT,
     KEEPALIVE_HELP,
     KEY,
+    PROXY,
     REMOTE_HELP,
     TLS_DATA,
     emit_json,
@@ -18,6 +22,9 @@ from usbipx.cli.common import (
 from usbipx.cli.common import remote as remote_of
 from usbipx.driver import device_driver
 from usbipx.names import is_vudc_busid
+
+if TYPE_CHECKING:
+    from usbipx.transport import Relayer
 
 
 def _mode(busid: str, device: bool) -> bool:
@@ -39,6 +46,7 @@ def connect(
     key: str | None = KEY,
     ca: str | None = CA,
     tls_data: str = TLS_DATA,
+    proxy: str | None = PROXY,
 ) -> None:
     """Export a device to a usbipa (the device side connects out: OP_REQ_EXPORT).
 
@@ -47,25 +55,35 @@ def connect(
     from usbipx.client import export_device, export_records
 
     st = state(ctx)
-    target = remote_of(st, remote, cert, key, ca, keepalive_opt, tls_data)
+    target = remote_of(st, remote, cert, key, ca, keepalive_opt, tls_data, proxy)
     driver = device_driver(st.kernel(), vudc=_mode(busid, device))
     store = export_records(st.kernel())
-    res = export_device(target, busid, driver, store=store)
-    if res.path.relay is not None:
-        from usbipx.background import run_relay
 
-        # The relay records itself, so that disconnect can end it.
-        def record_relay() -> None:
+    def export() -> tuple[dict[str, Any], Relayer | None, Callable[[], None]]:
+        res = export_device(target, busid, driver, store=store)
+
+        def record_relay() -> None:  # so that disconnect can end it
             store.update(busid, remote=str(target), transport=res.path.transport)
 
-        run_relay(res.path.relay, record_relay)
+        return ({"bound_here": res.bound_here, "transport": res.path.transport},
+                res.path.relay, record_relay)
+
+    if target.endpoint.secure:
+        from usbipx.background import in_background
+
+        # A relay may have to outlive this command: the export runs in the
+        # process that will be the relay.
+        result = in_background(export)
+    else:
+        result = export()[0]
+    transport = result["transport"]
     if st.json:
         emit_json({"busid": busid, "host": target.host, "port": target.port,
-                   "remote": str(target), "bound_here": res.bound_here,
-                   "transport": res.path.transport})
+                   "remote": str(target), "bound_here": result["bound_here"],
+                   "transport": transport})
     else:
         typer.echo(f"exported {busid} to {target}"
-                   + ("" if res.path.transport == "tcp" else f" ({res.path.transport})"))
+                   + ("" if transport == "tcp" else f" ({transport})"))
 
 
 @handle_errors
@@ -81,12 +99,13 @@ def disconnect(
     cert: str | None = CERT,
     key: str | None = KEY,
     ca: str | None = CA,
+    proxy: str | None = PROXY,
 ) -> None:
     """Withdraw an exported device from a usbipa (OP_REQ_UNEXPORT)."""
     from usbipx.client import export_records, withdraw
 
     st = state(ctx)
-    target = remote_of(st, remote, cert, key, ca)
+    target = remote_of(st, remote, cert, key, ca, proxy=proxy)
     driver = device_driver(st.kernel(), vudc=_mode(busid, device))
     withdraw(target, busid, driver, export_records(st.kernel()), force)
     if st.json:

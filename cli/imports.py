@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from usbipx import usbids
-from usbipx.cli.common import CA, CERT, KEY, REMOTE_HELP, TLS_DATA, emit_json, handle_errors, state
+from usbipx.cli.common import (
+    CA,
+    CERT,
+    KEY,
+    PROXY,
+    REMOTE_HELP,
+    TLS_DATA,
+    emit_json,
+    handle_errors,
+    state,
+)
 from usbipx.cli.common import remote as remote_of
 from usbipx.errors import UsbipError
 from usbipx.sysfs import Sysfs
 from usbipx.vhci import ImportedDevice, VhciDriver
+
+if TYPE_CHECKING:
+    from usbipx.transport import Relayer
 
 
 def _local_names(sysfs: Sysfs, busid: str) -> tuple[int, int] | None:
@@ -54,6 +67,7 @@ def attach(
     key: str | None = KEY,
     ca: str | None = CA,
     tls_data: str = TLS_DATA,
+    proxy: str | None = PROXY,
 ) -> None:
     """Import a device from a usbipd into this host's vhci_hcd."""
     from usbipx.client import attach_remote
@@ -62,18 +76,27 @@ def attach(
     if target is None or (busid is not None and device is not None):
         raise UsbipError("give exactly one of --busid BUSID or --device VUDC")
     st = state(ctx)
-    res = attach_remote(remote_of(st, remote, cert, key, ca, tls_data=tls_data), target,
-                        VhciDriver(st.kernel()))
-    if res.path.relay is not None:
-        from usbipx.background import run_relay
+    source = remote_of(st, remote, cert, key, ca, tls_data=tls_data, proxy=proxy)
+    vhci = VhciDriver(st.kernel())
 
-        run_relay(res.path.relay)
-    if st.json:
-        emit_json({"port": res.port, "host": res.host, "busid": res.busid,
-                   "transport": res.path.transport})
+    def attach() -> tuple[dict[str, Any], Relayer | None, None]:
+        res = attach_remote(source, target, vhci)
+        return ({"port": res.port, "host": res.host, "busid": res.busid,
+                 "transport": res.path.transport}, res.path.relay, None)
+
+    if source.endpoint.secure:
+        from usbipx.background import in_background
+
+        # A relay may have to outlive this command: see usbipx.background.
+        result = in_background(attach)
     else:
-        typer.echo(f"attached {res.busid} from {res.host} to port {res.port}"
-                   + ("" if res.path.transport == "tcp" else f" ({res.path.transport})"))
+        result = attach()[0]
+    if st.json:
+        emit_json(result)
+    else:
+        transport = result["transport"]
+        typer.echo(f"attached {result['busid']} from {result['host']} to port "
+                   f"{result['port']}" + ("" if transport == "tcp" else f" ({transport})"))
 
 
 @handle_errors

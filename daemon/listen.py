@@ -29,11 +29,11 @@ def _bind(fam: socket.AddressFamily, addr: str, port: int) -> socket.socket:
 
 
 def listeners(listen: tuple[Endpoint, ...], port: int, ipv4: bool = True, ipv6: bool = True,
-              bind_address: str | None = None) -> list[tuple[socket.socket, str]]:
-    """The listening sockets, each with its scheme (``tcp`` or ``tls``): one per URL in
-    ``listen``, else plain TCP on ``port`` (on ``bind_address``, or on both families
-    unless only one is wanted)."""
-    wanted: list[tuple[socket.AddressFamily, str, int, str]] = []
+              bind_address: str | None = None) -> list[tuple[socket.socket, Endpoint]]:
+    """The listening sockets, each with the URL it serves: one per URL in ``listen``,
+    else plain TCP on ``port`` (on ``bind_address``, or on both families unless only
+    one is wanted)."""
+    wanted: list[tuple[socket.AddressFamily, Endpoint]] = []
     if listen:
         for ep in listen:
             fam = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
@@ -41,20 +41,21 @@ def listeners(listen: tuple[Endpoint, ...], port: int, ipv4: bool = True, ipv6: 
                 infos = socket.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM,
                                            flags=socket.AI_PASSIVE)
                 fam = infos[0][0]
-            wanted.append((fam, ep.host, ep.port, ep.scheme))
+            wanted.append((fam, ep))
     elif bind_address:
         infos = socket.getaddrinfo(bind_address, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
-        wanted = [(info[0], str(info[4][0]), port, "tcp") for info in infos[:1]]
+        wanted = [(info[0], Endpoint("tcp", str(info[4][0]), port)) for info in infos[:1]]
     else:
         if ipv4:
-            wanted.append((socket.AF_INET, "0.0.0.0", port, "tcp"))
+            wanted.append((socket.AF_INET, Endpoint("tcp", "0.0.0.0", port)))
         if ipv6 and socket.has_ipv6:
-            wanted.append((socket.AF_INET6, "::", port, "tcp"))
-    socks: list[tuple[socket.socket, str]] = []
-    for fam, addr, at, scheme in wanted:
+            wanted.append((socket.AF_INET6, Endpoint("tcp", "::", port)))
+    socks: list[tuple[socket.socket, Endpoint]] = []
+    for fam, ep in wanted:
+        addr, at = ep.host, ep.port
         try:
-            socks.append((_bind(fam, addr, at), scheme))
+            socks.append((_bind(fam, addr, at), ep))
         except OSError as exc:
             if (not listen and fam == socket.AF_INET6
                     and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)):

@@ -38,10 +38,11 @@ from usbipx.net import DEFAULT_KEEPALIVE, Keepalive, tune_socket
 from usbipx.protocol import Request, RequestDecoder
 from usbipx.tlsconf import TlsFiles
 from usbipx.tlsengine import TlsError
-from usbipx.transport import DataPath
+from usbipx.transport import DEFAULT_PING, DataPath
 from usbipx.url import Endpoint
 
 if TYPE_CHECKING:
+    from usbipx.daemon.wsserve import WssListener
     from usbipx.tlsengine import TlsEngine
 
 
@@ -66,6 +67,8 @@ class ServerConfig:
     data_path: DataPath = "auto"
     """TLS data path: kernel TLS where it works, or forced."""
     handshake_timeout: float = 10.0
+    ping: tuple[float, float] = DEFAULT_PING
+    """``wss://`` ping interval and timeout: a dead path is noticed within their sum."""
 
 
 PeerPolicy = Callable[[str], str | None]
@@ -97,7 +100,8 @@ class Server:
         self._per_host: dict[str, int] = {}
         self._tally = Tally()
         self._stop = asyncio.Event()
-        self._listeners: list[tuple[socket.socket, str]] = []
+        self._listeners: list[tuple[socket.socket, Endpoint]] = []
+        self._wss: list[WssListener] = []
         self._failure: BaseException | None = None
         self._handoff_lock = asyncio.Lock()
         self._relays: set[threading.Event] = set()
@@ -111,9 +115,9 @@ class Server:
     def listening(self) -> list[str]:
         """Each listener as a URL (``tls://0.0.0.0:3240``)."""
         out = []
-        for s, scheme in self._listeners:
+        for s, ep in self._listeners:
             host, port = s.getsockname()[:2]
-            out.append(f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}")
+            out.append(str(replace(ep, host=host, port=port)))
         return out
 
     def _log_refusal(self, kind: str, host: str, reason: str) -> None:
@@ -414,13 +418,14 @@ class Server:
         Does nothing if they are bound already."""
         if self._listeners:
             return
+        if any(ep.secure for ep in self.cfg.listen) and self.cfg.tls is None:
+            raise ConfigError("tls:// and wss:// listeners need --cert, --key and --ca "
+                              "(or USBIPX_CERT, USBIPX_KEY, USBIPX_CA)")
         if any(ep.scheme == "tls" for ep in self.cfg.listen):
             from usbipx import ktls
             from usbipx.tlsconf import server_context
 
-            if self.cfg.tls is None:
-                raise ConfigError("a tls:// listener needs --cert, --key and --ca "
-                                  "(or USBIPX_CERT, USBIPX_KEY, USBIPX_CA)")
+            assert self.cfg.tls is not None
             self._tls_context = server_context(self.cfg.tls)
             if self.cfg.data_path != "relay":
                 ktls.preload()  # the first handoff must not wait for modules to load
@@ -445,8 +450,15 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
-        accepts = [loop.create_task(self._accept_loop(s, scheme))
-                   for s, scheme in self._listeners]
+        accepts = [loop.create_task(self._accept_loop(s, ep.scheme))
+                   for s, ep in self._listeners if ep.scheme != "wss"]
+        for s, ep in self._listeners:
+            if ep.scheme == "wss":
+                from usbipx.daemon.wsserve import WssListener
+
+                wss = WssListener(self, s, ep)
+                await wss.start()
+                self._wss.append(wss)
         for t in accepts:
             t.add_done_callback(self._accept_ended)
         for url in self.listening:
@@ -458,6 +470,8 @@ class Server:
         finally:
             for t in accepts:
                 t.cancel()
+            for wss in self._wss:
+                await wss.aclose()
             self.close()
             self.stop()
             logger.info("{} stopped", self.name)

@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from loguru import logger
 
@@ -45,10 +45,7 @@ from usbipx.ownership import Owned, OwnershipStore
 from usbipx.procfs import Proc
 from usbipx.stubmode.host import HostDriver
 from usbipx.sysfs import Sysfs
-from usbipx.transport import Remote
-
-if TYPE_CHECKING:
-    from usbipx.relay import Relay
+from usbipx.transport import Relayer, Remote
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -285,7 +282,7 @@ class Worker:
                 self.report(State.BACKOFF, "export dropped: connection closed")
                 return
 
-    def _start_relay(self, relay: Relay) -> None:
+    def _start_relay(self, relay: Relayer) -> None:
         """Carry the export's data: this worker is the relay (TLS without kernel TLS)."""
         self._stop_relay()
         stop = threading.Event()

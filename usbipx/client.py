@@ -12,6 +12,7 @@ import contextlib
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
@@ -34,11 +35,14 @@ from usbipx.protocol import (
 )
 from usbipx.sysfs import Sysfs
 from usbipx.transport import KernelPath, Link, Remote, open_link
+
+if TYPE_CHECKING:
+    from usbipx.wslink import WsLink
 from usbipx.vhci import VhciDriver
 
 
 @contextlib.contextmanager
-def _link(remote: Remote) -> Iterator[Link]:
+def _link(remote: Remote) -> Iterator[Link | WsLink]:
     link = open_link(remote)
     try:
         yield link

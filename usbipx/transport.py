@@ -21,10 +21,11 @@ dead link is noticed whichever path carries the data.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from loguru import logger
 
@@ -32,16 +33,18 @@ from usbipx.errors import ConfigError, ProtocolError, UsbipError
 from usbipx.net import DEFAULT_KEEPALIVE, Keepalive, connect, request
 from usbipx.protocol import Reply, ReplyDecoder, Request
 from usbipx.tlsconf import TlsFiles
-from usbipx.url import Endpoint, parse_endpoint
+from usbipx.url import Endpoint
 
 if TYPE_CHECKING:
-    from usbipx.relay import Relay
     from usbipx.tlsengine import TlsEngine
+    from usbipx.wslink import WsLink
 
 DataPath = Literal["auto", "ktls", "relay"]
 """How TLS data reaches the kernel: kernel TLS where it works (``auto``), or forced."""
 
-Transport = Literal["tcp", "ktls", "tls-relay"]
+Transport = Literal["tcp", "ktls", "tls-relay", "wss-relay"]
+DEFAULT_PING = (5.0, 10.0)
+"""WebSocket ping interval and timeout: a dead path is noticed within 15 s."""
 
 
 @dataclass(frozen=True)
@@ -54,20 +57,20 @@ class Remote:
     timeout: float = 10.0
     """Seconds for the connection, the handshake and the request together."""
     data_path: DataPath = "auto"
+    proxy: str | None = None
+    """HTTP proxy for ``wss://`` (``http://[USER:PASS@]HOST:PORT``); None: from the
+    environment (``https_proxy``, ``wss_proxy``, ``no_proxy``)."""
+    ping: tuple[float, float] = DEFAULT_PING
+    """``wss://`` ping interval and timeout, seconds."""
 
     def __post_init__(self) -> None:
         if self.endpoint.secure and self.tls is None:
             raise ConfigError(f"{self.endpoint.scheme}:// needs --cert, --key and --ca "
                               "(or USBIPX_CERT, USBIPX_KEY, USBIPX_CA)")
-        if self.endpoint.scheme == "wss":
-            raise ConfigError("wss:// is not supported yet; use tls://")
+        if self.proxy is not None and self.endpoint.scheme != "wss":
+            raise ConfigError("--proxy applies to wss:// only (tcp:// and tls:// do not "
+                              "cross HTTP proxies)")
 
-    @classmethod
-    def parse(cls, text: str, default_port: int, tls: TlsFiles | None = None,
-              keepalive: Keepalive = DEFAULT_KEEPALIVE, timeout: float = 10.0,
-              data_path: DataPath = "auto") -> Remote:
-        """``-r`` as given on the command line (``HOST``, ``tcp://``, ``tls://``)."""
-        return cls(parse_endpoint(text, default_port), tls, keepalive, timeout, data_path)
 
     @classmethod
     def tcp(cls, host: str, port: int, keepalive: Keepalive = DEFAULT_KEEPALIVE,
@@ -92,13 +95,21 @@ class Remote:
         return self.host if self.endpoint.scheme == "tcp" else str(self.endpoint)
 
 
+class Relayer(Protocol):
+    """What carries an export's data in user space (:class:`~usbipx.relay.Relay`,
+    :class:`~usbipx.wslink.WsRelay`): runs until either side ends, then closes both."""
+
+    def run(self, stop: threading.Event | None = None) -> str:
+        """Relay until either side ends or ``stop`` is set; the reason it ended."""
+
+
 @dataclass
 class KernelPath:
     """What carries an export's data once the kernel has the connection."""
 
     transport: Transport
-    relay: Relay | None = None
-    """The :class:`~usbipx.relay.Relay` to run (``tls-relay`` only)."""
+    relay: Relayer | None = None
+    """The relay to run (``tls-relay``, ``wss-relay``)."""
 
 
 class Link:
@@ -188,8 +199,13 @@ class Link:
             self.sock.close()
 
 
-def open_link(remote: Remote) -> Link:
-    """Connect to ``remote`` (TCP, then the TLS handshake for ``tls://``)."""
+def open_link(remote: Remote) -> Link | WsLink:
+    """Connect to ``remote`` (TCP, then the TLS handshake for ``tls://``; proxy, TLS and
+    the WebSocket upgrade for ``wss://``)."""
+    if remote.endpoint.scheme == "wss":
+        from usbipx.wslink import open_wss
+
+        return open_wss(remote)
     deadline = time.monotonic() + remote.timeout
     sock = connect(remote.host, remote.port, timeout=remote.timeout, keepalive=remote.keepalive)
     if not remote.endpoint.secure:
