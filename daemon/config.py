@@ -5,7 +5,12 @@
     [server]                       # the usbipa to export to
     host = "127.0.0.1"             # plain TCP, as the C tools ...
     port = 3240
-    # url = "tls://app.example.net"  # ... or a URL instead of host/port (HOST, tcp://, tls://)
+    # url = "tls://app.example.net"  # ... or a URL instead of host/port (HOST, tcp://, tls://,
+                                   #   wss://HOST[:PORT]/PATH)
+    # urls = ["tls://a.example.net", "wss://b.example.net/usbip"]  # ... or several, tried in
+                                   #   order: the first that accepts holds the device
+    # proxy = "http://user:pass@proxy:3128"  # for wss:// (default: https_proxy, no_proxy)
+    # ping = "5,10"                # wss:// ping interval and timeout (seconds)
     # cert = "board.crt"           # for tls://: this board's certificate, its key (mode
     # key = "board.key"            #   0600) and the CA the server's certificate chains to;
     # ca = "ca.crt"                #   paths relative to this file
@@ -53,6 +58,7 @@ restart_window     1       86400      a day of crash history
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -63,7 +69,7 @@ from usbipx.names import is_vudc_busid, validate_busid
 from usbipx.net import DEFAULT_KEEPALIVE, USBIP_PORT, Keepalive
 from usbipx.tlsconf import TlsFiles
 from usbipx.tomlfile import read_toml, toml_int, toml_number
-from usbipx.transport import DataPath, Remote
+from usbipx.transport import DEFAULT_PING, DataPath, Remote
 from usbipx.url import Endpoint, Scheme, parse_endpoint
 
 ExportKind = Literal["busid", "match", "gadget"]
@@ -82,7 +88,11 @@ RESTART_LIMIT_MAX = 10000
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """The usbipa every export goes to, and how to reach it."""
+    """The usbipa(s) every export goes to, and how to reach them.
+
+    ``host``/``port``/``scheme``/``path`` name the first server; ``more`` the
+    others, tried in order when the first refuses or is lost (``urls``).
+    """
 
     host: str
     port: int = USBIP_PORT
@@ -90,16 +100,25 @@ class ServerSpec:
     scheme: Scheme = "tcp"
     tls: TlsFiles | None = None
     data_path: DataPath = "auto"
-
-    def remote(self, timeout: float) -> Remote:
-        """The :class:`~usbipx.transport.Remote` a worker dials."""
-        return Remote(Endpoint(self.scheme, self.host, self.port), self.tls, self.keepalive,
-                      timeout, self.data_path)
+    path: str = "/"
+    more: tuple[Endpoint, ...] = ()
+    proxy: str | None = None
+    ping: tuple[float, float] = DEFAULT_PING
 
     @property
-    def url(self) -> str:
-        """What ``supervisor status`` shows as the remote."""
-        return str(self.remote(1.0))
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        """Every server, in the order they are tried."""
+        return (Endpoint(self.scheme, self.host, self.port, self.path), *self.more)
+
+    def remote(self, timeout: float, index: int = 0) -> Remote:
+        """The :class:`~usbipx.transport.Remote` a worker dials for server ``index``."""
+        ep = self.endpoints[index]
+        return Remote(ep, self.tls if ep.secure else None, self.keepalive, timeout,
+                      self.data_path, self.proxy if ep.scheme == "wss" else None, self.ping)
+
+    def url(self, index: int = 0) -> str:
+        """What ``supervisor status`` shows as the remote of server ``index``."""
+        return str(self.remote(1.0, index))
 
 
 @dataclass(frozen=True)
@@ -166,24 +185,31 @@ _DATA_PATHS: dict[object, DataPath] = {"auto": "auto", "ktls": "ktls", "relay": 
 
 def _server(data: Any, base: Path, src: str) -> ServerSpec:
     if not isinstance(data, dict):
-        raise ConfigError(f"{src}: [server] with a host or url is required")
-    _unknown(data, {"host", "port", "url", "cert", "key", "ca", "tls_data", "keepalive"},
-             f"{src}: [server]")
-    if ("url" in data) == ("host" in data):
-        raise ConfigError(f"{src}: [server] needs exactly one of server.host or server.url")
+        raise ConfigError(f"{src}: [server] with a host, url or urls is required")
+    _unknown(data, {"host", "port", "url", "urls", "cert", "key", "ca", "tls_data", "keepalive",
+                    "proxy", "ping"}, f"{src}: [server]")
+    given = [k for k in ("host", "url", "urls") if k in data]
+    if len(given) != 1:
+        raise ConfigError(f"{src}: [server] needs exactly one of server.host, server.url "
+                          "or server.urls")
+    (key,) = given
     port = toml_int(data.get("port", USBIP_PORT), f"{src}: server.port", 1, 65535)
-    key = "url" if "url" in data else "host"
-    text = data[key]
-    if not isinstance(text, str):
-        raise ConfigError(f"{src}: server.{key} must be a string")
-    if "url" in data and "port" in data:
+    if key != "host" and "port" in data:
         raise ConfigError(f"{src}: server.port goes with host; put the port in the url")
-    try:
-        endpoint = parse_endpoint(text, port)
-    except ValidationError as exc:
-        raise ConfigError(f"{src}: server.{key}: {exc}") from None
-    if "host" in data and endpoint.scheme != "tcp":
-        raise ConfigError(f"{src}: server.host is a host name; use url = {text!r}")
+    texts = data[key] if key == "urls" else [data[key]]
+    if not isinstance(texts, list) or not texts or len(texts) > MAX_SERVERS:
+        raise ConfigError(f"{src}: server.urls must be a list of 1..{MAX_SERVERS} URLs")
+    endpoints = []
+    for text in texts:
+        if not isinstance(text, str):
+            what = "a list of strings" if key == "urls" else "a string"
+            raise ConfigError(f"{src}: server.{key} must be {what}")
+        try:
+            endpoints.append(parse_endpoint(text, port))
+        except ValidationError as exc:
+            raise ConfigError(f"{src}: server.{key}: {exc}") from None
+    if key == "host" and endpoints[0].scheme != "tcp":
+        raise ConfigError(f"{src}: server.host is a host name; use url = {texts[0]!r}")
     ka = DEFAULT_KEEPALIVE
     if "keepalive" in data:
         if not isinstance(data["keepalive"], str):
@@ -195,25 +221,54 @@ def _server(data: Any, base: Path, src: str) -> ServerSpec:
     data_path = _DATA_PATHS.get(data.get("tls_data", "auto"))
     if data_path is None:
         raise ConfigError(f"{src}: server.tls_data must be auto, ktls or relay")
+    proxy = data.get("proxy")
+    if proxy is not None and (not isinstance(proxy, str) or not _PROXY.fullmatch(proxy)):
+        raise ConfigError(f"{src}: server.proxy must be http://[USER:PASS@]HOST:PORT")
+    if proxy is not None and not any(ep.scheme == "wss" for ep in endpoints):
+        raise ConfigError(f"{src}: server.proxy applies to wss:// urls only")
+    ping = _ping(data.get("ping"), f"{src}: server.ping")
+    secure = any(ep.secure for ep in endpoints)
     tls = None
     files = {k: data[k] for k in ("cert", "key", "ca") if k in data}
-    if endpoint.secure or files:
-        if not endpoint.secure:
-            raise ConfigError(f"{src}: server.cert, key and ca go with a tls:// url")
+    if secure or files:
+        if not secure:
+            raise ConfigError(f"{src}: server.cert, key and ca go with tls:// or wss:// urls")
         if not all(isinstance(files.get(k), str) for k in ("cert", "key", "ca")):
-            raise ConfigError(f"{src}: a {endpoint.scheme}:// server needs cert, key and ca "
+            raise ConfigError(f"{src}: tls:// and wss:// servers need cert, key and ca "
                               "(file names)")
         try:
             tls = TlsFiles(*(base / files[k] for k in ("cert", "key", "ca")))
             tls.check()
         except ConfigError as exc:
             raise ConfigError(f"{src}: server: {exc}") from None
-    try:
-        spec = ServerSpec(endpoint.host, endpoint.port, ka, endpoint.scheme, tls, data_path)
-        spec.remote(1.0)  # refuses what no worker could dial (wss:// for now)
-    except ConfigError as exc:
-        raise ConfigError(f"{src}: server: {exc}") from None
+    first, *more = endpoints
+    spec = ServerSpec(first.host, first.port, ka, first.scheme, tls, data_path, first.path,
+                      tuple(more), proxy, ping)
+    for i in range(len(endpoints)):
+        try:
+            spec.remote(1.0, i)  # refuses what no worker could dial
+        except ConfigError as exc:
+            raise ConfigError(f"{src}: server: {exc}") from None
     return spec
+
+
+MAX_SERVERS = 16
+_PROXY = re.compile(r"https?://(?:[^@/\s]+@)?[A-Za-z0-9.\[\]:_-]+(?::[0-9]{1,5})?/?")
+
+
+def _ping(value: Any, where: str) -> tuple[float, float]:
+    """``"INTERVAL,TIMEOUT"`` (seconds) for wss:// ping/pong."""
+    if value is None:
+        return DEFAULT_PING
+    parts = value.split(",") if isinstance(value, str) else []
+    if len(parts) != 2:
+        raise ConfigError(f"{where} must be \"INTERVAL,TIMEOUT\" in seconds, e.g. \"5,10\"")
+    try:
+        nums = [float(x) for x in parts]
+    except ValueError:
+        raise ConfigError(f"{where} must be \"INTERVAL,TIMEOUT\" in seconds") from None
+    return (toml_number(nums[0], f"{where} interval", 1, 3600),
+            toml_number(nums[1], f"{where} timeout", 1, 3600))
 
 
 def _export(data: Any, n: int, base: Path, src: str) -> ExportSpec:

@@ -106,6 +106,10 @@ class Worker:
         self.lease: Lease | None = None
         self.exported = False
         self.transport: str | None = None
+        self.current = 0
+        """Index of the server (``[server] urls``) that holds, or last held, the export."""
+        self.first = 0
+        """The server the next export tries first: after a loss, the next one."""
         self._relay: tuple[threading.Thread, threading.Event] | None = None
         self._last: tuple[str, str | None] | None = None
         self.log = logger.bind(export=job.key)
@@ -138,9 +142,11 @@ class Worker:
                         "busid": self.busid,
                         "transport": self.transport if state == State.EXPORTED else None})
 
-    def remote(self) -> Remote:
-        """The usbipa to export to, with this worker's connect timeout."""
-        return self.server.remote(self.opts.connect_timeout)
+    def remote(self, index: int | None = None) -> Remote:
+        """Server ``index`` (default: the one holding the export), with this worker's
+        connect timeout."""
+        return self.server.remote(self.opts.connect_timeout,
+                                  self.current if index is None else index)
 
     # -- the device ----------------------------------------------------------
 
@@ -216,25 +222,53 @@ class Worker:
                 self.sleep(self.opts.poll_interval)
         self.provision()
         assert self.busid is not None
-        remote = self.server.url
-        if self.driver.status(self.busid) == ExportStatus.USED and self._adopt(remote):
+        urls = [self.server.url(i) for i in range(len(self.server.endpoints))]
+        if self.driver.status(self.busid) == ExportStatus.USED and self._adopt(urls):
             self.log.info("adopting the live export of {}", self.busid)
             rec = self.store.read(self.job.key)
             self.transport = rec.transport if rec is not None else None
         else:
             self.report(State.EXPORTING)
-            path = export_prepared(self.remote(), self.busid, self.driver)
+            self.current = self._export_to_one()
+            self.store.update(self.job.key, remote=urls[self.current],
+                              transport=self.transport)
+        self.exported = True
+        self.backoff.reset()
+        self.report(State.EXPORTED, remote=urls[self.current])
+        self._watch()
+        # Lost: next time, try the server after the one that held it first.
+        self.first = (self.current + 1) % len(urls)
+
+    def _export_to_one(self) -> int:
+        """Export to the first server that accepts, starting at :attr:`first`; its index.
+
+        If none does, the last refusal is raised (the caller backs off), and the
+        next round starts again at the first server of the configuration.
+        """
+        assert self.busid is not None
+        n = len(self.server.endpoints)
+        error: UsbipError | None = None
+        for k in range(n):
+            i = (self.first + k) % n
+            try:
+                path = export_prepared(self.remote(i), self.busid, self.driver)
+            except UsbipError as exc:
+                if n > 1:
+                    self.log.info("{}: {}", self.server.url(i), exc)
+                error = exc
+                if self.stopping:
+                    break
+                continue
             self.transport = path.transport
             if path.relay is not None:
                 self._start_relay(path.relay)
-            self.store.update(self.job.key, remote=remote, transport=path.transport)
-        self.exported = True
-        self.backoff.reset()
-        self.report(State.EXPORTED, remote=remote)
-        self._watch()
+            return i
+        self.first = 0
+        assert error is not None
+        raise error
 
-    def _adopt(self, remote: str) -> bool:
-        """A live export: adopt it if a worker of ours made it to ``remote``.
+    def _adopt(self, urls: list[str]) -> bool:
+        """A live export: adopt it if a worker of ours made it to one of ``urls``.
 
         The kernel keeps an export when its worker is killed; the new worker
         takes it over instead of exporting twice.  One we made to another
@@ -244,12 +278,13 @@ class Worker:
         assert self.busid is not None
         rec = self.store.read(self.job.key)
         made = rec.remote if rec is not None else None
-        if made == remote:
+        if made in urls:
+            self.current = urls.index(made)
             return True
         if made is None:
             raise DeviceBusy(f"{self.busid} is exported, but not by this supervisor")
         self.log.info("{} is exported to {} by an earlier configuration; moving it to {}",
-                      self.busid, made, remote)
+                      self.busid, made, urls[0])
         self.driver.shutdown(self.busid)
         for _ in range(50):
             if self.driver.status(self.busid) != ExportStatus.USED:

@@ -330,3 +330,53 @@ restart_limit = 10000
                                   connect_timeout=600.0, poll_interval=60.0,
                                   restart_window=86400.0, restart_limit=10000)
     assert isinstance(cfg.options.restart_window, float)
+
+
+# -- several servers, TLS, wss, proxies -------------------------------------------
+
+def _pki(tmp_path: Path) -> str:
+    from usbipx import pki
+
+    pki.init_ca(tmp_path / "pki")
+    pki.issue(tmp_path / "pki", "board")
+    return 'cert = "pki/board.crt"\nkey = "pki/board.key"\nca = "pki/ca.crt"\n'
+
+
+def test_several_servers_in_order(tmp_path: Path) -> None:
+    files = _pki(tmp_path)
+    cfg = load_config(write(tmp_path, f'''
+[server]
+urls = ["10.0.0.1", "tls://a.example.net:4000", "wss://b.example.net/usbip"]
+proxy = "http://user:secret@proxy.lan:3128"
+ping = "4,8"
+{files}
+[[export]]
+busid = "1-1"
+'''))
+    s = cfg.server
+    assert [str(e) for e in s.endpoints] == ["tcp://10.0.0.1:3240", "tls://a.example.net:4000",
+                                             "wss://b.example.net:443/usbip"]
+    assert [s.url(i) for i in range(3)] == ["10.0.0.1:3240", "tls://a.example.net:4000",
+                                            "wss://b.example.net:443/usbip"]
+    plain, tls, wss = (s.remote(2.0, i) for i in range(3))
+    assert plain.tls is None and plain.proxy is None
+    assert tls.tls is not None and tls.tls.key == tmp_path / "pki/board.key"
+    assert tls.proxy is None  # a proxy is for wss:// only
+    assert wss.proxy == "http://user:secret@proxy.lan:3128" and wss.ping == (4.0, 8.0)
+
+
+@pytest.mark.parametrize(("server", "names"), [
+    ('urls = []', "server.urls must be a list of 1..16"),
+    ('urls = "tls://a"', "server.urls must be a list"),
+    ('urls = ["tls://a", 3]', "must be a list of strings"),
+    ('host = "a"\nurls = ["b"]', "exactly one of server.host, server.url or server.urls"),
+    ('urls = ["a"]\nport = 4000', "put the port in the url"),
+    ('urls = ["a"]\nproxy = "http://p:3128"', "applies to wss:// urls only"),
+    ('urls = ["wss://a/x"]\nproxy = "ftp://p"', "server.proxy must be http://"),
+    ('urls = ["wss://a/x"]\nping = "5"', "INTERVAL,TIMEOUT"),
+    ('urls = ["wss://a/x"]\nping = "0,5"', "interval must be a number 1..3600"),
+    ('urls = ["tls://a", "wss://b/x"]', "need cert, key and ca"),
+    ('url = "wss://a/x\\n"', "server.url: bad remote"),
+])
+def test_bad_servers(tmp_path: Path, server: str, names: str) -> None:
+    assert names in refused(tmp_path, f'[server]\n{server}\n\n[[export]]\nbusid = "1-1"\n')

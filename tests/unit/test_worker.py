@@ -49,6 +49,7 @@ from usbipx.lease import Lease
 from usbipx.ownership import Owned
 from usbipx.stubmode.host import HostDriver
 from usbipx.sysfs import Sysfs
+from usbipx.url import Endpoint
 from usbipx.vhci import VhciDriver
 
 STATE = "/run/sup-test/state"
@@ -638,3 +639,47 @@ def test_a_device_bound_before_the_supervisor_stays_bound(kernel: FakeKernel, ss
     assert kernel.driver_of("1-1") == "usbip-host"
     assert (f"{STUB_DIR}/unbind", "1-1") not in kernel.writes
     assert read_record(STATE, KEY) is None
+
+
+# ---------------------------------------------------------------- several servers
+
+@pytest.mark.scenario("host_unbound", "vhci_free")
+def test_the_first_server_that_accepts_holds_the_device_and_a_loss_moves_on(
+        kernel: FakeKernel, ssys: SerialSysfs) -> None:
+    """``urls = [a, b]``: a refuses, so b holds the device; after a loss the next try
+    starts at the server after b (a, which now accepts)."""
+    deny = Spy(UsbipaHandler(VhciDriver(kernel.sysfs), Policy(default="deny")))
+    allow = Spy(UsbipaHandler(VhciDriver(kernel.sysfs)))
+    with LoopbackServer(deny, "a") as a, LoopbackServer(allow, "b") as b:
+        job = Job("busid:1-1", ExportSpec("busid", busid="1-1"), "1-1",
+                  ServerSpec(HOST, a.port, more=(Endpoint("tcp", HOST, b.port),)), options())
+        w = WorkerThread(job, ssys)
+        with w:
+            first = w.wait_for("exported")
+            assert w.reports[first]["remote"] == f"{HOST}:{b.port}"
+            assert deny.kinds() == ["ExportRequest"] and allow.kinds() == ["ExportRequest"]
+            a.server.handler = allow  # a accepts from now on
+            kernel.vhci_unplug(0)  # the application side lets go of the dead link ...
+            drop_export(kernel, "1-1")  # ... and the board's kernel sees it end
+            again = w.wait_for("exported", w.wait_for("backoff", first))
+            assert w.reports[again]["remote"] == f"{HOST}:{a.port}"
+            rec = read_record(STATE, KEY)
+            assert rec is not None and rec["remote"] == f"{HOST}:{a.port}"
+            w.stop()
+    assert kernel.driver_of("1-1") == "usb"
+
+
+@pytest.mark.scenario("host_unbound", "vhci_free")
+def test_when_no_server_accepts_the_worker_backs_off_and_starts_over(
+        kernel: FakeKernel, ssys: SerialSysfs) -> None:
+    from loopback import free_port
+
+    job = Job("busid:1-1", ExportSpec("busid", busid="1-1"), "1-1",
+              ServerSpec(HOST, free_port(), more=(Endpoint("tcp", HOST, free_port()),)),
+              options())
+    w = WorkerThread(job, ssys)
+    with w:
+        w.wait_for("backoff", w.wait_for("backoff") + 1)
+        w.stop()
+    assert "cannot connect" in (w.reports[-2]["error"] or "")
+    assert kernel.driver_of("1-1") == "usb"
