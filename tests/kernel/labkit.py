@@ -392,3 +392,15 @@ def stub_status(busid: str) -> str:
 
 def vudc_status(vudc: str) -> str:
     return Path(f"/sys/devices/platform/{vudc}/usbip_status").read_text().strip()
+
+
+# -- TLS credentials (the pki fixture of conftest) ---------------------------------
+
+HOSTNAME = "localhost"
+"""The name the lab's server certificate carries (with 127.0.0.1)."""
+
+
+def creds(pki: dict[str, Path], name: str, ca: str = "ca") -> list[str]:
+    d = pki[ca]
+    return ["--cert", str(d / f"{name}.crt"), "--key", str(d / f"{name}.key"),
+            "--ca", str(pki["ca"] / "ca.crt")]

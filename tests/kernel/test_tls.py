@@ -8,7 +8,6 @@ Every certificate comes from ``usbipx pki`` (an expired one is made with the
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
 import random
 import signal
@@ -20,8 +19,10 @@ from pathlib import Path
 
 import pytest
 from labkit import (
+    HOSTNAME,
     SERVER_IP,
     assert_vhci_disk_matches,
+    creds,
     driver_of,
     link_cut,
     link_restore,
@@ -35,60 +36,6 @@ from labkit import (
     vudc_status,
     wait_for,
 )
-
-HOSTNAME = "localhost"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A CA, a server certificate for localhost and board certificates; also a
-    board of another CA and an expired board certificate."""
-    d = tmp_path_factory.mktemp("pki")
-    ca, other = d / "ca", d / "other"
-    usbipx("pki", "init", str(ca))
-    usbipx("pki", "issue", str(ca), "server", "--server", HOSTNAME, "--server", "127.0.0.1")
-    usbipx("pki", "issue", str(ca), "server-ns", "--server", SERVER_IP)
-    usbipx("pki", "issue", str(ca), "wrongname", "--server", "elsewhere.example")
-    for board in ("board-1", "board-2", "kiosk-1"):
-        usbipx("pki", "issue", str(ca), board)
-    usbipx("pki", "init", str(other))
-    usbipx("pki", "issue", str(other), "board-1")
-    _expired(ca, "old-board")
-    return {"ca": ca, "other": other}
-
-
-def _expired(ca: Path, name: str) -> None:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    ca_key = serialization.load_pem_private_key((ca / "ca.key").read_bytes(), None)
-    ca_cert = x509.load_pem_x509_certificate((ca / "ca.crt").read_bytes())
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(ca_cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=30))
-            .not_valid_after(now - datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
-    (ca / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    fd = os.open(ca / f"{name}.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key.private_bytes(serialization.Encoding.PEM,
-                                   serialization.PrivateFormat.PKCS8,
-                                   serialization.NoEncryption()))
-
-
-def creds(pki: dict[str, Path], name: str, ca: str = "ca") -> list[str]:
-    d = pki[ca]
-    return ["--cert", str(d / f"{name}.crt"), "--key", str(d / f"{name}.key"),
-            "--ca", str(pki["ca"] / "ca.crt")]
 
 
 def tls_daemon(daemons, kind: str, pki: dict[str, Path], *extra: str, cert: str = "server"):
