@@ -1,6 +1,7 @@
-"""TLS figures for scripts/bench (inside the lab VM): sequential read throughput of a
-64 MB disk exported over plain TCP, kernel TLS and the relay, and connect-to-usable
-time over TLS against plain TCP -- all in one VM run, as ratios to plain TCP."""
+"""TLS and wss figures for scripts/bench (inside the lab VM): sequential read throughput
+of a 64 MB disk exported over plain TCP, kernel TLS, the TLS relay and wss://, the relays'
+CPU time per MB on both sides, and connect-to-usable time over TLS against plain TCP --
+all in one VM run, as ratios to plain TCP."""
 
 from __future__ import annotations
 
@@ -57,11 +58,14 @@ def bench_tls(result: Callable[[str, str, str], None], rounds: int) -> None:
     busid = lab.usb_busid_on_udc("dummy_udc.0")
     lab.wait_for(lambda: lab.driver_of(busid) == "usb", what="the bench disk")
     usbipa = lab.Daemon([lab.USBIPX, "usbipa", "-t", "3310", "--listen", "tcp://127.0.0.1:3311",
-                         "--listen", "tls://127.0.0.1:3310", *server], 3310)
+                         "--listen", "tls://127.0.0.1:3310",
+                         "--listen", "wss://127.0.0.1:3312/usbip", *server], 3310)
     # kind: (port, remote, connect options, disconnect options)
     paths = {"tcp": ("3311", "127.0.0.1", [], []),
              "ktls": ("3310", "tls://localhost", board, board),
-             "tls-relay": ("3310", "tls://localhost", ["--tls-data", "relay", *board], board)}
+             "tls-relay": ("3310", "tls://localhost", ["--tls-data", "relay", *board], board),
+             "wss-relay": ("3312", "wss://localhost:3312/usbip", board, board)}
+    cpu: dict[str, list[tuple[float, float]]] = {"tls-relay": [], "wss-relay": []}
     speed: dict[str, list[float]] = {k: [] for k in paths}
     usable: dict[str, list[float]] = {k: [] for k in paths}
     try:
@@ -72,8 +76,14 @@ def bench_tls(result: Callable[[str, str, str], None], rounds: int) -> None:
                 dev = lab.vhci_disk(60)
                 lab.read_block(dev, 4096)
                 usable[kind].append(time.monotonic() - t0)
+                relay = _relay_pid() if kind in cpu else None
+                before = (_cpu(relay) if relay else 0.0, _cpu(usbipa.proc.pid))
                 took = _read_all(dev, DISK_MB << 20)
                 speed[kind].append(DISK_MB / took)
+                if relay:
+                    after = (_cpu(relay), _cpu(usbipa.proc.pid))
+                    cpu[kind].append(((after[0] - before[0]) / DISK_MB,
+                                      (after[1] - before[1]) / DISK_MB))
                 lab.usbipx("-t", port, "disconnect", "-r", remote, "-b", busid, *dopts)
                 lab.wait_for(lambda: not lab.vhci_used_ports(), 30, what="the port free")
                 lab.wait_for(lambda: lab.driver_of(busid) == "usb", 30, what="the driver")
@@ -86,8 +96,36 @@ def bench_tls(result: Callable[[str, str, str], None], rounds: int) -> None:
                ">= 0.9x")
         result("read throughput TLS relay/plain", f"{med['tls-relay'] / med['tcp']:.2f}x",
                ">= 0.6x")
+        result("read throughput wss relay/plain", f"{med['wss-relay'] / med['tcp']:.2f}x",
+               ">= 0.6x")
+        result("read throughput wss/TLS relay", f"{med['wss-relay'] / med['tls-relay']:.2f}x",
+               "(reported)")
+        for kind, samples in cpu.items():
+            board_ms = statistics.median(b for b, _ in samples) * 1000
+            app_ms = statistics.median(a for _, a in samples) * 1000
+            result(f"{kind} CPU per MB board/app side", f"{board_ms:.0f}/{app_ms:.0f} ms",
+                   "(reported)")
         result("connect-to-usable TLS (ktls)/plain", f"{use['ktls'] / use['tcp']:.2f}x",
                "(reported)")
     finally:
         usbipa.stop()
         lab.reset_usbip()
+
+
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) ``pid`` has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _relay_pid() -> int | None:
+    """The background relay ``usbipx connect`` left (its command line is connect's)."""
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit() and int(p.name) != os.getpid():
+            try:
+                cmd = (p / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"connect" in cmd and any(c.endswith(b"usbipx") for c in cmd):
+                return int(p.name)
+    return None
