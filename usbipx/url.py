@@ -13,6 +13,7 @@ Everything is validated here, once: the rest of usbipx takes :class:`Endpoint`.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -81,8 +82,11 @@ def parse_endpoint(text: str, default_port: int = USBIP_PORT) -> Endpoint:
     """``text`` as an :class:`Endpoint`; :class:`ValidationError` says what is wrong.
 
     ``default_port`` is used for ``HOST``, ``tcp://`` and ``tls://`` without a port
-    (the global ``-t``); ``wss://`` defaults to 443.
+    (the global ``-t``); ``wss://`` defaults to 443.  A bare IPv6 address (``::1``,
+    as the C tools take it) is plain TCP to that address.
     """
+    with contextlib.suppress(ValueError):
+        return Endpoint("tcp", str(ipaddress.IPv6Address(text)), default_port)
     m = _URL.fullmatch(text)
     if m is None or not m["host"]:
         raise ValidationError(f"bad remote {text!r}: expected HOST, tcp://HOST[:PORT], "

@@ -295,6 +295,9 @@ def test_unexport_of_unknown_device_is_nodev(stub_disk, daemons) -> None:
     assert res.returncode != 0 and "ST_NODEV" in res.stderr
     assert driver_of(busid) == "usbip-host"  # nothing changed locally without --force
     usbipx("-t", str(a.port), "disconnect", "-r", "127.0.0.1", "-b", busid, "--force")
+    # Bound by the user (`usbipx bind`), not by connect: it stays bound until `unbind`.
+    assert driver_of(busid) == "usbip-host" and stub_status(busid) == "1"
+    usbipx("unbind", "-b", busid)
     assert driver_of(busid) == "usb"
 
 

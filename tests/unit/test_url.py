@@ -20,6 +20,8 @@ from usbipx.url import Endpoint, parse_endpoint
     ("wss://app.example.net:8443/usbip/v1", Endpoint("wss", "app.example.net", 8443,
                                                      "/usbip/v1")),
     ("0.0.0.0", Endpoint("tcp", "0.0.0.0", 3240)),
+    ("::1", Endpoint("tcp", "::1", 3240)),  # the C tools' -r ::1
+    ("fd00::1", Endpoint("tcp", "fd00::1", 3240)),
 ])
 def test_accepted(text: str, expected: Endpoint) -> None:
     assert parse_endpoint(text) == expected
@@ -45,7 +47,7 @@ def test_the_default_port_is_the_global_one_except_for_wss() -> None:
     ("bad_host", "bad host"),
     ("-h", "bad host"),
     ("[not-v6]", "not an IPv6 address"),
-    ("fd00::1", "bad remote"),
+    ("fd00::zz", "bad remote"),
     ("tls://user@h", "bad host"),
     ("a" * 64 + ".example", "bad host"),
 ])
