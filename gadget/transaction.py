@@ -21,7 +21,18 @@ from usbipx.gadget.configfs import Configfs
 from usbipx.gadget.live import read_gadget
 from usbipx.gadget.plan import plan_apply, plan_remove
 from usbipx.gadget.spec import GadgetSpec, check_bindable, check_names, validate_gadget_name
-from usbipx.gadget.steps import BindUdc, Link, Mkdir, Rmdir, Step, UnbindUdc, Unlink, Write
+from usbipx.gadget.steps import (
+    BindUdc,
+    Link,
+    Mkdir,
+    OsDescLink,
+    OsDescUnlink,
+    Rmdir,
+    Step,
+    UnbindUdc,
+    Unlink,
+    Write,
+)
 from usbipx.gadget.udc import target_udc
 from usbipx.sysfs import Sysfs
 
@@ -88,6 +99,10 @@ def perform(cf: Configfs, gadget: str, step: Step) -> None:
         case Link(_, function):
             cf.sysfs.symlink(cf.gadget(gadget, "functions", function), cf.gadget(gadget, step.link))
         case Unlink():
+            cf.sysfs.unlink(cf.gadget(gadget, step.link))
+        case OsDescLink(config):
+            cf.sysfs.symlink(cf.gadget(gadget, "configs", config), cf.gadget(gadget, step.link))
+        case OsDescUnlink():
             cf.sysfs.unlink(cf.gadget(gadget, step.link))
         case BindUdc(udc):
             cf.bind(gadget, udc)
