@@ -177,9 +177,9 @@ def show_cmd(
             typer.echo(f"    {k} = {_fmt(v)}")
         for n, lun in f.luns.items():
             typer.echo(f"    lun.{n}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in lun.items()))
-        for n, i in f.os_desc.items():
-            typer.echo(f"    os_desc interface.{n}: compatible_id {_fmt(i.compatible_id)}, "
-                       f"sub_compatible_id {_fmt(i.sub_compatible_id)}")
+        for iface, ids in f.os_desc.items():
+            typer.echo(f"    os_desc interface.{iface}: compatible_id {_fmt(ids.compatible_id)}, "
+                       f"sub_compatible_id {_fmt(ids.sub_compatible_id)}")
 
 
 def _fmt(v: object) -> str:
