@@ -21,7 +21,9 @@ What the kernel does (Linux 6.1, seen on the lab kernel):
 
 * ``use``, ``b_vendor_code`` and ``qw_sign`` are taken when the gadget binds:
   writes while bound are accepted but change nothing until the next bind, so a
-  plan unbinds first (:mod:`usbipx.gadget.plan`);
+  plan unbinds first (:mod:`usbipx.gadget.plan`).  Compatible ids are served
+  as they are, but a host asks for them only when it enumerates: a plan
+  changes them as any function attribute, unlinked, and binds again;
 * ``b_vendor_code`` is a C char: 0xcd reads back ``0xffffffcd``;
 * ``qw_sign`` takes at most 7 bytes and keeps the rest of the old value ("AB"
   over "MSFT100" reads "ABFT100"; a lone newline is a write of 0 bytes), so a
