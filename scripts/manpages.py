@@ -71,9 +71,15 @@ def line(text: str) -> str:
 
 
 def inline(text: str) -> str:
-    """Prose: escaped, `code` in bold."""
-    parts = re.split(r"`([^`]+)`", text)
-    return "".join(f"\\fB{esc(p)}\\fR" if i % 2 else esc(p) for i, p in enumerate(parts))
+    """Prose: escaped, `code` and ``code`` in bold."""
+    parts = re.split(r"``([^`]+)``|`([^`]+)`", text)
+    out = []
+    for i, p in enumerate(parts):
+        if i % 3 == 0:
+            out.append(esc(p))
+        elif p is not None:
+            out.append(f"\\fB{esc(p)}\\fR")
+    return "".join(out)
 
 
 def paragraphs(help_text: str | None) -> list[str]:
@@ -103,7 +109,7 @@ def summary(help_text: str | None) -> str:
 
 def name_line(page: str, help_text: str | None) -> str:
     """``usbipx-usbipa - application-side daemon: ...``: lower case unless an acronym."""
-    text = summary(help_text)
+    text = summary(help_text).replace("`", "")  # no fonts in NAME: whatis reads it
     if text[1:2].islower():
         text = text[0].lower() + text[1:]
     return f"{page} - {text}"

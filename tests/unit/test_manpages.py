@@ -121,7 +121,7 @@ def test_the_generator_copes_with_any_command_tree(tmp_path):
 
     @demo.command("code")
     def code() -> None:
-        """First line.
+        """First line, with ``double`` and `single` quoted code.
 
         \b
         .starts with a dot
@@ -138,9 +138,11 @@ def test_the_generator_copes_with_any_command_tree(tmp_path):
     assert "\\fB\\-\\-tag\\fR \\fITAG\\fR\nMay be given more than once." in text
     assert "\n\\&.starts with a dot\n\\&'and a quote\n" in text
     assert "back\\eslash and \\[u00FC]n\\[u00EF]code" in text
+    assert "First line, with \\fBdouble\\fR and \\fBsingle\\fR quoted code." in text
+    assert "`" not in text
     text.encode("ascii")  # everything else is escaped
     page = tmp_path / "demo.1"
     page.write_text(text)
     if shutil.which("man") or shutil.which("groff"):
         out, err = _render(page)
-        assert err == "" and "First line." in out
+        assert err == "" and "First line, with double" in out
