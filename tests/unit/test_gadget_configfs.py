@@ -745,6 +745,22 @@ def test_a_udc_name_that_is_not_one_is_refused(k, udc):
     assert snapshot(k) == before
 
 
+@pytest.mark.parametrize(("os_desc", "functions", "expected"), [
+    ({"config": 9}, {}, "os_desc links configuration 9, which it does not have"),
+    ({"config": 1, "link": "../x"}, {}, "'../x' is not a link name"),
+    ({"config": 1}, {"rndis.usb0": {"../x": InterfaceOsDesc("RNDIS")}}, "'../x' is not an interface"),
+])
+def test_os_desc_names_built_in_code_are_checked_before_any_path(k, os_desc, functions, expected):
+    spec = loads_spec(WINDOWS)
+    fs_ = dict(spec.functions)
+    for name, interfaces in functions.items():
+        fs_[name] = replace(fs_[name], os_desc=interfaces)
+    bad = replace(spec, functions=fs_, os_desc=replace(spec.os_desc, **os_desc))
+    with pytest.raises(ValidationError, match=expected.replace("(", r"\(")):
+        apply_spec(bad, k)
+    assert k.ops == []
+
+
 def test_a_rolled_back_unlink_keeps_the_interface_order(fs, disks):
     """configfs numbers a config's interfaces in the order its links were made: undoing
     unlinks must make them again in that order, or the rolled-back gadget is another device."""
