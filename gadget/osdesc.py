@@ -27,7 +27,8 @@ What the kernel does (Linux 6.1, seen on the lab kernel):
 * ``b_vendor_code`` is a C char: 0xcd reads back ``0xffffffcd``;
 * ``qw_sign`` takes at most 7 bytes and keeps the rest of the old value ("AB"
   over "MSFT100" reads "ABFT100"; a lone newline is a write of 0 bytes), so a
-  spec gives exactly 7 ASCII characters;
+  spec gives exactly 7 ASCII characters (and a rollback cannot take a
+  signature back to never written: the kernel takes no empty one);
 * ``os_desc/`` links to one config (a second link is EBUSY); a config it links
   to can't be removed (EBUSY); removing the link unbinds a bound gadget;
 * ``compatible_id`` and ``sub_compatible_id`` are 8 raw bytes each, shown
