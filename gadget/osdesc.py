@@ -11,7 +11,7 @@ whose interfaces carry them.  In a spec::
     use = true                     # default true
     b_vendor_code = 0xcd           # required: the bRequest Windows will use
     qw_sign = "MSFT100"            # default "MSFT100", the only one Windows knows
-    config = 1                     # default: the first [[configs]]
+    config = 1                     # default (with use): the first [[configs]]
 
     [functions."rndis.usb0".os_desc.interface.rndis]
     compatible_id = "RNDIS"
@@ -133,11 +133,10 @@ def parse_os_desc(body: object, configs: Sequence[int]) -> OsDescSpec:
     qw_sign = coerce(QW_SIGN_ATTR, body.get("qw_sign", QW_SIGN), "os_desc.qw_sign")
     config = body.get("config")
     if config is None:
-        if configs:
-            config = configs[0]
-        elif use:
+        if use and not configs:
             raise ConfigError("os_desc: use = true needs a [[configs]] to carry the OS "
                               "descriptors (os_desc.config)")
+        config = configs[0] if use else None
     elif isinstance(config, bool) or not isinstance(config, int) or config not in configs:
         numbers = ", ".join(map(str, configs)) or "none"
         raise ConfigError(f"os_desc.config: {config!r} is not the number of one of the "

@@ -275,6 +275,20 @@ def test_save_and_show_os_desc_then_apply_reproduces_the_tree(k):
     assert snapshot(k) == before
 
 
+def test_os_desc_switched_off_is_saved_as_it_is(k):
+    """use = 0 and no link, with a vendor code and signature left behind: saved and applied
+    again, it stays unlinked."""
+    apply_spec(loads_spec(WINDOWS), k)
+    off = WINDOWS.replace("[os_desc]\nb_vendor_code = 0xcd\nqw_sign = \"MSFT100\"\nconfig = 1\n", "")
+    apply_spec(loads_spec(off), k)
+    before = snapshot(k)
+    saved = dump_spec(save_gadget("demo", k))
+    assert "[os_desc]\nuse = false\nb_vendor_code = 0xcd\nqw_sign = \"MSFT100\"\n\n" in saved
+    remove_gadget("demo", k)
+    apply_spec(loads_spec(saved), k)
+    assert snapshot(k) == before
+
+
 def test_os_desc_set_up_by_another_tool_is_read_and_removed(k):
     """A link named otherwise (libusbgx-style), a signature never written."""
     k.mkdir(G)

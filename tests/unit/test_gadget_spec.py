@@ -243,9 +243,11 @@ def test_os_desc_of_the_gadget_and_of_its_interfaces():
 def test_os_desc_defaults_use_msft100_and_the_first_config():
     spec = spec_of('[os_desc]\nb_vendor_code = 1\n[[configs]]\nnumber = 5\n[[configs]]\nnumber = 2\n')
     assert spec.os_desc == OsDescSpec(use=True, b_vendor_code=1, qw_sign="MSFT100", config=5)
-    # switched off, it needs no config
+    # switched off, it needs no config and links none unless told
     assert spec_of("[os_desc]\nuse = false\nb_vendor_code = 1\n").os_desc == OsDescSpec(
         use=False, b_vendor_code=1, config=None)
+    off = spec_of("[os_desc]\nuse = false\nb_vendor_code = 1\n[[configs]]\nnumber = 5\n")
+    assert off.os_desc is not None and off.os_desc.config is None
 
 
 def test_dump_spec_writes_os_desc_back():
