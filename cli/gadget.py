@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,14 @@ from usbipx.errors import ConfigError
 from usbipx.gadget.configfs import Configfs
 from usbipx.gadget.dump import dump_spec, spec_to_dict
 from usbipx.gadget.live import list_gadgets, read_gadget, save_gadget
-from usbipx.gadget.spec import LANG_EN_US, GadgetSpec, load_spec, loads_spec
+from usbipx.gadget.spec import (
+    LANG_EN_US,
+    GadgetSpec,
+    load_spec,
+    loads_spec,
+    validate_gadget_name,
+    validate_udc_name,
+)
 from usbipx.gadget.transaction import AppliedGadget, apply_spec, remove_gadget
 from usbipx.gadget.udc import UdcInfo, list_udcs
 
@@ -35,14 +43,41 @@ def apply_cmd(
         None, "--udc", metavar="NAME|auto|none",
         help="UDC to bind to (overrides the spec's udc); auto picks a free usbip-vudc.N first.",
     ),
+    default_udc: str | None = typer.Option(
+        None, "--default-udc", metavar="NAME|auto|none",
+        help="UDC to bind to if the spec names none (the spec's udc wins).",
+    ),
+    wait: float = typer.Option(
+        0, "--wait", min=0, metavar="SECONDS",
+        help="Wait up to SECONDS for the UDC to appear and be free (auto: for a free one).",
+    ),
+    expect_name: str | None = typer.Option(
+        None, "--expect-name", metavar="NAME",
+        help="Refuse a SPEC whose gadget is not named NAME.",
+    ),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Create a gadget from SPEC, or converge the existing one to it (idempotent)."""
-    if spec_file == "-":
-        spec = loads_spec(sys.stdin.read(), source="<stdin>")
-    else:
-        spec = load_spec(spec_file)
-    result = apply_spec(spec, state(ctx).kernel(), udc=udc)
+    """Create a gadget from SPEC, or converge the existing one to it (idempotent).
+
+    At boot, usbipx-gadget@NAME.service runs `gadget apply
+    /etc/usbipx/gadgets/NAME.toml --expect-name NAME --default-udc auto --wait 60`
+    and `gadget remove NAME` when stopped: the spec's name must be the unit's
+    instance name.
+    """
+    for value in (udc, default_udc):
+        if value is not None and value not in ("auto", "none"):
+            validate_udc_name(value)
+    if expect_name is not None:
+        validate_gadget_name(expect_name)
+    source = "<stdin>" if spec_file == "-" else spec_file
+    spec = loads_spec(sys.stdin.read(), source=source) if spec_file == "-" else load_spec(spec_file)
+    if expect_name is not None and spec.name != expect_name:
+        raise ConfigError(f"{source}: the gadget is named {spec.name!r}, not {expect_name!r} "
+                          "as --expect-name says (a usbipx-gadget@NAME unit applies NAME.toml, "
+                          "whose name must be NAME)")
+    if spec.udc is None and default_udc is not None:
+        spec = replace(spec, udc=default_udc)
+    result = apply_spec(spec, state(ctx).kernel(), udc=udc, wait=wait)
     if _json(ctx, json_out):
         emit_json(_applied_dict(result))
         return
@@ -131,12 +166,20 @@ def show_cmd(
         power = c.attrs.get("MaxPower")
         typer.echo(f"  config {c.dirname}{extra}: {', '.join(c.functions) or '-'}"
                    + (f" (MaxPower {_fmt(power)} mA)" if power is not None else ""))
+    if g.os_desc is not None:
+        od, linked = g.os_desc, g.os_desc_config()
+        typer.echo(f"  os_desc: use {int(od.use)}, b_vendor_code 0x{od.b_vendor_code:02x}, "
+                   f"qw_sign {_fmt(od.qw_sign or '')}, "
+                   f"config {linked.dirname if linked is not None else '-'}")
     for f in g.functions.values():
         typer.echo(f"  function {f.name}")
         for k, v in f.attrs.items():
             typer.echo(f"    {k} = {_fmt(v)}")
         for n, lun in f.luns.items():
             typer.echo(f"    lun.{n}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in lun.items()))
+        for iface, ids in f.os_desc.items():
+            typer.echo(f"    os_desc interface.{iface}: compatible_id {_fmt(ids.compatible_id)}, "
+                       f"sub_compatible_id {_fmt(ids.sub_compatible_id)}")
 
 
 def _fmt(v: object) -> str:

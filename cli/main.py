@@ -21,9 +21,24 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    """``--version``: the installed distribution's version, then exit."""
+    if not value:
+        return
+    # Imported here: every other command starts without importlib.metadata.
+    from importlib.metadata import version
+
+    typer.echo(f"usbipx {version('usbipx')}")
+    raise typer.Exit()
+
+
 @app.callback()
 def _global(
     ctx: typer.Context,
+    _show_version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True,
+        help="Print the version of usbipx and exit.",
+    ),
     debug: bool = typer.Option(False, "--debug", help="Log debug messages."),
     json_out: bool = typer.Option(False, "--json", help="Print results as JSON."),
     tcp_port: int = typer.Option(

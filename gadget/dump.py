@@ -25,6 +25,13 @@ def spec_to_dict(spec: GadgetSpec, *, binary: str = "hex") -> dict[str, Any]:
             out[g.key] = spec.attrs[g.attr.name]
     if spec.strings:
         out["strings"] = _strings_to_dict(spec.strings)
+    if spec.os_desc is not None:
+        od = spec.os_desc
+        out["os_desc"] = {"use": od.use, "b_vendor_code": od.b_vendor_code}
+        if od.qw_sign is not None:
+            out["os_desc"]["qw_sign"] = od.qw_sign
+        if od.config is not None:
+            out["os_desc"]["config"] = od.config
     if spec.configs:
         out["configs"] = [_config_to_dict(c) for c in spec.configs]
     if spec.functions:
@@ -74,6 +81,8 @@ def _function_to_dict(f: FunctionSpec) -> dict[str, Any]:
     if f.luns:
         out["lun"] = {str(n): {k: _value(v) for k, v in lun.items()}
                       for n, lun in sorted(f.luns.items())}
+    if f.os_desc:
+        out["os_desc"] = {"interface": {n: i.values() for n, i in f.os_desc.items()}}
     return out
 
 
@@ -81,10 +90,13 @@ def dump_spec(spec: GadgetSpec) -> str:
     """The spec as TOML text that :func:`loads_spec` reads back to an equal spec."""
     d = spec_to_dict(spec)
     lines: list[str] = []
-    scalars = {k: v for k, v in d.items() if k not in ("strings", "configs", "functions")}
+    tables = ("strings", "os_desc", "configs", "functions")
+    scalars = {k: v for k, v in d.items() if k not in tables}
     lines += [f"{k} = {_toml(k, v)}" for k, v in scalars.items()]
     if "strings" in d:
         _table_lines(lines, "strings", d["strings"])
+    if "os_desc" in d:
+        _table_lines(lines, "os_desc", d["os_desc"])
     for c in d.get("configs", []):
         lines += ["", "[[configs]]"]
         nested = {k: v for k, v in c.items() if isinstance(v, dict)}
@@ -94,15 +106,18 @@ def dump_spec(spec: GadgetSpec) -> str:
     for fname, fbody in d.get("functions", {}).items():
         header = f"functions.{_tkey(fname)}"
         luns = fbody.pop("lun", {})
+        interfaces = fbody.pop("os_desc", {}).get("interface", {})
         _table_lines(lines, header, fbody, always=True)
         for n, lbody in luns.items():
             _table_lines(lines, f"{header}.lun.{n}", lbody, always=True)
+        for n, ibody in interfaces.items():
+            _table_lines(lines, f"{header}.os_desc.interface.{_tkey(n)}", ibody, always=True)
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
 _HEX_KEYS = {"id_vendor", "id_product", "bcd_device", "bcd_usb", "device_class",
              "device_subclass", "device_protocol", "bm_attributes", "class", "subclass",
-             "protocol"}
+             "protocol", "b_vendor_code"}
 
 
 def _table_lines(lines: list[str], header: str, body: Mapping[str, Any],

@@ -45,6 +45,9 @@ class Kind(enum.Enum):
     INT = "int"  # decimal
     HEX16 = "hex16"  # written and read as 0x%04x (idVendor, bcdDevice ...)
     HEX8 = "hex8"  # written and read as 0x%02x (bDeviceClass, bmAttributes ...)
+    # written as 0x%02x, read as the kernel prints a C char: 0xcd reads 0xffffffcd
+    # (os_desc/b_vendor_code)
+    CHAR8 = "char8"
     BAREHEX8 = "barehex8"  # %02x without 0x (rndis class/subclass/protocol)
     STR = "str"  # text; the kernel may append a newline or pad
     CHOICE = "choice"  # one of a fixed set of words (max_speed)
@@ -52,6 +55,9 @@ class Kind(enum.Enum):
     IFNAME = "ifname"  # network interface pattern with one %d
     PATH = "path"  # absolute path of a backing file; "" = none
     BYTES = "bytes"  # raw binary (hid report_desc); hex in specs
+    # ASCII in a fixed-size field: written NUL-padded to max_len, since a shorter
+    # write replaces only its own length (os_desc compatible_id)
+    PADDED = "padded"
     GENERIC = "generic"  # any scalar, written as text (uncatalogued attributes)
 
 
@@ -97,18 +103,18 @@ def coerce(attr: Attr, value: object, key: str) -> AttrValue:
             out = bool(value)
         else:
             raise _err(key, f"expected true or false, got {value!r}")
-    elif kind in (Kind.INT, Kind.HEX16, Kind.HEX8, Kind.BAREHEX8):
+    elif kind in (Kind.INT, Kind.HEX16, Kind.HEX8, Kind.CHAR8, Kind.BAREHEX8):
         if isinstance(value, bool) or not isinstance(value, int):
             raise _err(key, f"expected an integer, got {value!r}")
         lo, hi = attr.minimum, attr.maximum
         if kind is Kind.HEX16:
             lo, hi = (0 if lo is None else lo), (0xFFFF if hi is None else hi)
-        elif kind in (Kind.HEX8, Kind.BAREHEX8):
+        elif kind in (Kind.HEX8, Kind.CHAR8, Kind.BAREHEX8):
             lo, hi = (0 if lo is None else lo), (0xFF if hi is None else hi)
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             raise _err(key, f"{value} is out of range {_range(lo, hi)}")
         out = value
-    elif kind in (Kind.STR, Kind.CHOICE, Kind.MAC, Kind.IFNAME, Kind.PATH):
+    elif kind in (Kind.STR, Kind.CHOICE, Kind.MAC, Kind.IFNAME, Kind.PATH, Kind.PADDED):
         if not isinstance(value, str):
             raise _err(key, f"expected a string, got {value!r}")
         if "\n" in value or "\0" in value:
@@ -196,12 +202,15 @@ def encode(attr: Attr, value: AttrValue) -> bytes:
     if kind is Kind.BYTES:
         assert isinstance(value, bytes)
         return value
+    if kind is Kind.PADDED:
+        assert isinstance(value, str) and attr.max_len is not None
+        return value.encode("ascii").ljust(attr.max_len, b"\0")
     if isinstance(value, bool):
         text = "1" if value else "0"
     elif isinstance(value, int):
         if kind is Kind.HEX16:
             text = f"0x{value:04x}"
-        elif kind is Kind.HEX8:
+        elif kind in (Kind.HEX8, Kind.CHAR8):
             text = f"0x{value:02x}"
         elif kind is Kind.BAREHEX8:
             text = f"{value:02x}"
@@ -219,6 +228,9 @@ def decode(attr: Attr, raw: bytes) -> AttrValue | None:
     kind = attr.kind
     if kind is Kind.BYTES:
         return raw
+    if kind is Kind.PADDED:
+        # The whole field, NUL-padded, no newline: the value ends at the first NUL.
+        return raw.split(b"\0", 1)[0].decode("ascii", "replace")
     text = raw.decode("utf-8", "replace").replace("\0", "")
     text = text[:-1] if text.endswith("\n") else text
     try:
@@ -228,6 +240,8 @@ def decode(attr: Attr, raw: bytes) -> AttrValue | None:
             return int(text.strip())
         if kind in (Kind.HEX16, Kind.HEX8, Kind.BAREHEX8):
             return int(text.strip(), 16)
+        if kind is Kind.CHAR8:
+            return int(text.strip(), 16) & 0xFF  # sign-extended by the kernel's %02x
     except ValueError:
         return None
     if kind is Kind.MAC:
@@ -354,6 +368,8 @@ class FunctionType:
     lun_attrs: tuple[Attr, ...] = ()
     # Read-only attributes the kernel shows (port_num ...): named in errors.
     read_only: tuple[str, ...] = ()
+    # Interfaces with Microsoft OS descriptors: os_desc/interface.<name>/ (rndis, ncm).
+    os_desc_interfaces: tuple[str, ...] = ()
     extra_check: Callable[[Mapping[str, AttrValue], Mapping[int, Mapping[str, AttrValue]], str],
                           None] | None = None
 
@@ -422,7 +438,8 @@ CATALOGUE: dict[str, FunctionType] = {
                      read_only=("port_num",)),
         FunctionType("obex", "OBEX serial port", read_only=("port_num",)),
         FunctionType("ecm", "CDC Ethernet (ECM)", attrs=_ETHER),
-        FunctionType("ncm", "CDC Network Control Model", attrs=_ETHER),
+        FunctionType("ncm", "CDC Network Control Model", attrs=_ETHER,
+                     os_desc_interfaces=("ncm",)),
         FunctionType("eem", "CDC Ethernet Emulation Model", attrs=_ETHER),
         FunctionType("geth", "CDC subset Ethernet", attrs=_ETHER),
         FunctionType(
@@ -431,6 +448,7 @@ CATALOGUE: dict[str, FunctionType] = {
                    Attr("class", Kind.BAREHEX8, default=0x02),
                    Attr("subclass", Kind.BAREHEX8, default=0x06),
                    Attr("protocol", Kind.BAREHEX8, default=0x00)),
+            os_desc_interfaces=("rndis",),
         ),
         FunctionType(
             "hid", "HID device (/dev/hidg<minor>); preset keyboard or mouse",

@@ -27,6 +27,16 @@ from usbipx.gadget.functions import (
     generic,
     same,
 )
+from usbipx.gadget.osdesc import (
+    B_VENDOR_CODE,
+    COMPATIBLE_ID,
+    INTERFACE_DIR,
+    QW_SIGN_ATTR,
+    SUB_COMPATIBLE_ID,
+    USE,
+    InterfaceOsDesc,
+    OsDescSpec,
+)
 from usbipx.gadget.spec import ConfigSpec, FunctionSpec, GadgetSpec, validate_gadget_name
 from usbipx.sysfs import Sysfs
 
@@ -65,7 +75,8 @@ def read_gadget(name: str, sysfs: Sysfs) -> GadgetSpec:
     configs.sort(key=lambda c: c.number)
     return GadgetSpec(name=name, attrs=attrs, strings=_read_strings(cf, f"{g}/strings",
                                                                      GADGET_STRINGS),
-                      configs=tuple(configs), functions=functions, udc=cf.udc_of(name))
+                      configs=tuple(configs), functions=functions, udc=cf.udc_of(name),
+                      os_desc=_read_os_desc(cf, f"{g}/os_desc"))
 
 
 def save_gadget(name: str, sysfs: Sysfs) -> GadgetSpec:
@@ -86,6 +97,38 @@ def _read_config(cf: Configfs, rel: str, cname: str) -> ConfigSpec | None:
     return ConfigSpec(number=int(m.group(2)), label=m.group(1), attrs=attrs,
                       strings=_read_strings(cf, f"{rel}/strings", CONFIG_STRINGS),
                       functions=tuple(f for _, f in links), links=tuple(n for n, _ in links))
+
+
+def _read_os_desc(cf: Configfs, rel: str) -> OsDescSpec | None:
+    """os_desc/ as a spec; None while it is as the kernel makes it (unused, unlinked)."""
+    use = cf.read_value(f"{rel}/use", USE)
+    code = cf.read_value(f"{rel}/b_vendor_code", B_VENDOR_CODE)
+    qw_sign = cf.read_value(f"{rel}/qw_sign", QW_SIGN_ATTR)
+    links = cf.links(rel)
+    if not (use or code or qw_sign or links):
+        return None
+    config = None
+    link = ""
+    if links:
+        link, target = links[0]  # the kernel takes one link (EBUSY for a second)
+        m = _CONFIG_DIR.fullmatch(target)
+        config = int(m.group(2)) if m else None
+    return OsDescSpec(use=bool(use), b_vendor_code=code if isinstance(code, int) else 0,
+                      qw_sign=qw_sign if isinstance(qw_sign, str) and qw_sign else None,
+                      config=config, link=link)
+
+
+def _read_interfaces(cf: Configfs, rel: str) -> dict[str, InterfaceOsDesc]:
+    """A function's os_desc/interface.<name> directories (rndis, ncm) and their ids."""
+    out: dict[str, InterfaceOsDesc] = {}
+    for d in cf.subdirs(f"{rel}/os_desc"):
+        m = INTERFACE_DIR.fullmatch(d)
+        if not m:
+            continue
+        ids = [cf.read_value(f"{rel}/os_desc/{d}/{a.name}", a)
+               for a in (COMPATIBLE_ID, SUB_COMPATIBLE_ID)]
+        out[m.group(1)] = InterfaceOsDesc(*(v if isinstance(v, str) else "" for v in ids))
+    return out
 
 
 def _read_strings(cf: Configfs, rel: str, names: tuple[str, ...]) -> dict[int, dict[str, str]]:
@@ -130,7 +173,8 @@ def _read_function(cf: Configfs, rel: str, fname: str) -> FunctionSpec:
                 if v is not None:
                     lun[a.name] = v
             luns[int(m.group(1))] = lun
-    return FunctionSpec(name=fname, attrs=attrs, luns=dict(sorted(luns.items())))
+    return FunctionSpec(name=fname, attrs=attrs, luns=dict(sorted(luns.items())),
+                        os_desc=_read_interfaces(cf, rel))
 
 
 def compact(spec: GadgetSpec) -> GadgetSpec:
@@ -149,12 +193,15 @@ def compact(spec: GadgetSpec) -> GadgetSpec:
     functions = {}
     for name, f in spec.functions.items():
         ftype = function_type(f.type)
+        # Interfaces without compatible ids are as the kernel makes them.
+        os_desc = {n: i for n, i in f.os_desc.items() if i != InterfaceOsDesc()}
         if ftype is None:
-            functions[name] = f
+            functions[name] = replace(f, os_desc=os_desc)
             continue
         functions[name] = FunctionSpec(
             name=name, attrs=strip(f.attrs, list(ftype.attrs)),
-            luns={n: strip(lun, list(ftype.lun_attrs)) for n, lun in f.luns.items()})
+            luns={n: strip(lun, list(ftype.lun_attrs)) for n, lun in f.luns.items()},
+            os_desc=os_desc)
     configs = tuple(replace(c, attrs=strip(c.attrs, [x.attr for x in CONFIG_ATTRS]))
                     for c in spec.configs)
     return replace(spec, attrs=strip(spec.attrs, [x.attr for x in GADGET_ATTRS]),

@@ -19,9 +19,14 @@ The kernel's rules the plans follow:
 * strings hold at most 126 bytes (EOVERFLOW; the spec checks it);
 * links can't be added while the gadget is bound (EINVAL), and removing one
   unbinds it: a changed gadget is unbound, changed, then bound again;
-* teardown order: unbind UDC, unlink functions, remove config strings,
-  configs, function sub-directories, functions, gadget strings, gadget.
-  ``os_desc`` is a default group and is left alone.
+* ``os_desc/`` (Microsoft OS descriptors, :mod:`usbipx.gadget.osdesc`) is
+  read when the gadget binds: it changes while unbound, ``use`` after the
+  other attributes; its link to a config is made once the config exists and
+  its functions are linked, and removed before that config goes (EBUSY);
+* teardown order: unbind UDC, unlink os_desc/, unlink functions, remove
+  config strings, configs, function sub-directories, functions, gadget
+  strings, gadget.  ``os_desc`` itself is a default group and goes with the
+  gadget.
 
 Links are removed newest first, so that undoing the removal makes them
 again oldest first: their order is the order of the config's interfaces.
@@ -47,8 +52,21 @@ from usbipx.gadget.functions import (
     ordered,
     same,
 )
+from usbipx.gadget.osdesc import B_VENDOR_CODE, INTERFACE_ATTRS, USE, InterfaceOsDesc
 from usbipx.gadget.spec import ConfigSpec, FunctionSpec, GadgetSpec, Strings
-from usbipx.gadget.steps import TEXT, BindUdc, Link, Mkdir, Rmdir, Step, UnbindUdc, Unlink, Write
+from usbipx.gadget.steps import (
+    TEXT,
+    BindUdc,
+    Link,
+    Mkdir,
+    OsDescLink,
+    OsDescUnlink,
+    Rmdir,
+    Step,
+    UnbindUdc,
+    Unlink,
+    Write,
+)
 
 # ---------------------------------------------------------------- plans
 
@@ -78,6 +96,7 @@ def plan_remove(actual: GadgetSpec) -> list[Step]:
     steps: list[Step] = []
     if actual.udc is not None:
         steps.append(UnbindUdc(actual.udc))
+    steps += _os_desc_unlink(actual)
     for c in actual.configs:
         steps += _remove_config(c)
     for f in actual.functions.values():
@@ -86,6 +105,8 @@ def plan_remove(actual: GadgetSpec) -> list[Step]:
     restore: list[Step] = [Mkdir("")]
     restore += [Write(ga.attr.name, ga.attr, actual.attrs[ga.attr.name])
                 for ga in GADGET_ATTRS if ga.attr.name in actual.attrs]
+    if actual.os_desc is not None:
+        restore += [Write(f"os_desc/{a.name}", a, v) for a, v in actual.os_desc.attrs()]
     steps.append(Rmdir("", tuple(restore)))
     return steps
 
@@ -103,6 +124,11 @@ def _create(spec: GadgetSpec) -> list[Step]:
         steps += _create_config(c)
     for c in spec.configs:
         steps += [Link(c.dirname, fname) for fname in c.functions]
+    if spec.os_desc is not None:
+        steps += [Write(f"os_desc/{a.name}", a, v) for a, v in spec.os_desc.attrs()]
+        linked = spec.os_desc_config()
+        if linked is not None:
+            steps.append(OsDescLink(linked.dirname))
     return steps
 
 
@@ -113,6 +139,7 @@ def _create_function(f: FunctionSpec) -> list[Step]:
     steps: list[Step] = [Mkdir(_fpath(f.name))]
     steps += [Write(_fpath(f.name, k), _attr_for(ftype, k), f.attrs[k])
               for k in ordered(f.attrs, catalogue)]
+    steps += _write_interfaces(f.name, f.os_desc, None)
     for n, lun in sorted(f.luns.items()):
         if n != 0:  # lun.0 comes with the function
             steps.append(Mkdir(_fpath(f.name, f"lun.{n}")))
@@ -177,6 +204,26 @@ def _lun_attr(ftype: FunctionType | None, name: str) -> Attr:
     return a or generic(name)
 
 
+def _write_interfaces(fname: str, desired: Mapping[str, InterfaceOsDesc],
+                      actual: Mapping[str, InterfaceOsDesc] | None) -> list[Step]:
+    """Converge a function's ``os_desc/interface.<name>`` compatible ids.
+
+    ``actual`` None: the function was just made (what is given is written);
+    otherwise an interface the spec leaves out converges to empty ids.
+    """
+    names = [*desired, *(n for n in actual or {} if n not in desired)]
+    steps: list[Step] = []
+    for n in names:
+        want = desired.get(n, InterfaceOsDesc()).values()
+        have = actual[n].values() if actual is not None and n in actual else None
+        for a in INTERFACE_ATTRS:
+            old = have[a.name] if have is not None else None
+            if old != want[a.name]:
+                steps.append(Write(_fpath(fname, "os_desc", f"interface.{n}", a.name), a,
+                                   want[a.name], old))
+    return steps
+
+
 def _with_defaults(values: Mapping[str, AttrValue],
                    catalogue: tuple[Attr, ...]) -> dict[str, AttrValue]:
     """Values plus the kernel default of every catalogued attribute not given."""
@@ -239,6 +286,8 @@ def _wanted_luns(f: FunctionSpec) -> dict[int, Mapping[str, AttrValue]]:
 def _function_differs(desired: FunctionSpec, actual: FunctionSpec) -> bool:
     if _function_changes(desired, actual):
         return True
+    if _write_interfaces(desired.name, desired.os_desc, actual.os_desc):
+        return True
     want_luns = _wanted_luns(desired)
     if set(want_luns) != set(actual.luns):
         return True
@@ -254,6 +303,7 @@ def _change_function(f: FunctionSpec, have: FunctionSpec) -> list[Step]:
     steps: list[Step] = [Write(_fpath(f.name, k), _attr_for(ftype, k), changes[k],
                                have.attrs.get(k))
                          for k in ordered(changes, catalogue)]
+    steps += _write_interfaces(f.name, f.os_desc, have.os_desc)
     want_luns = _wanted_luns(f)
     for n in sorted(set(have.luns) - set(want_luns), reverse=True):
         steps.append(_remove_lun(f.name, n, have.luns[n], ftype))
@@ -317,6 +367,40 @@ def _strings_differ(desired: Strings, actual: Strings, names: tuple[str, ...]) -
                for lang in desired for n in names)
 
 
+# ---------------------------------------------------------------- os_desc
+
+def _os_desc_unlink(actual: GadgetSpec) -> list[Step]:
+    """Remove os_desc/'s link to a config (before that config can go)."""
+    c = actual.os_desc_config()
+    if actual.os_desc is None or c is None:
+        return []
+    return [OsDescUnlink(actual.os_desc.link or c.dirname, c.dirname)]
+
+
+def _os_desc_changes(spec: GadgetSpec,
+                     actual: GadgetSpec) -> tuple[list[Step], list[Step], list[Step]]:
+    """(unlink, writes, link) that take os_desc/ from ``actual`` to ``spec``.
+
+    No ``[os_desc]`` in the spec means ``use`` 0 and no link; the vendor code
+    and signature are then left as they are (they do nothing without ``use``).
+    """
+    want, have = spec.os_desc, actual.os_desc
+    writes: list[Step] = []
+    if want is not None:
+        # A gadget read back without os_desc has the kernel's: code 0, use 0, no signature.
+        old = ({a.name: v for a, v in have.attrs()} if have is not None
+               else {B_VENDOR_CODE.name: 0, USE.name: False})
+        writes = [Write(f"os_desc/{a.name}", a, v, old.get(a.name))
+                  for a, v in want.attrs() if not same(a, v, old.get(a.name))]
+    elif have is not None and have.use:
+        writes = [Write(f"os_desc/{USE.name}", USE, False, True)]
+    want_c, have_c = spec.os_desc_config(), actual.os_desc_config()
+    if (want_c.dirname if want_c else None) == (have_c.dirname if have_c else None):
+        return [], writes, []
+    link: list[Step] = [OsDescLink(want_c.dirname)] if want_c is not None else []
+    return _os_desc_unlink(actual), writes, link
+
+
 # ---------------------------------------------------------------- converge
 
 def _gadget_attr_changes(spec: GadgetSpec, actual: GadgetSpec) -> dict[str, AttrValue]:
@@ -361,8 +445,9 @@ def _converge(spec: GadgetSpec, actual: GadgetSpec) -> list[Step]:
         if (_config_changes(c, have) or _strings_differ(c.strings, have.strings, CONFIG_STRINGS)
                 or links_differ):
             changed_c.append((c, have))
+    os_unlink, os_writes, os_link = _os_desc_changes(spec, actual)
     if not (attr_changes or strings_change or removed_f or added_f or changed_f or relink
-            or removed_c or added_c or changed_c):
+            or removed_c or added_c or changed_c or os_unlink or os_writes or os_link):
         return []  # already as specified: not a single write
 
     steps: list[Step] = []
@@ -372,6 +457,7 @@ def _converge(spec: GadgetSpec, actual: GadgetSpec) -> list[Step]:
     steps += [Write(k, by_name[k], v, actual.attrs.get(k)) for k, v in attr_changes.items()]
     if strings_change:
         steps += _write_strings("strings", spec.strings, actual.strings, GADGET_STRINGS)
+    steps += os_unlink + os_writes
 
     # Unlink what must change, then remove what goes away.
     for _, have in relink:
@@ -400,7 +486,7 @@ def _converge(spec: GadgetSpec, actual: GadgetSpec) -> list[Step]:
     for c in spec.configs:
         if c.dirname in redo:
             steps += [Link(c.dirname, fname) for fname in c.functions]
-    return steps
+    return steps + os_link
 
 
 __all__ = ["plan_apply", "plan_remove"]

@@ -23,6 +23,9 @@ A spec describes one gadget under ``/sys/kernel/config/usb_gadget/<name>``::
     [functions."hid.kbd"]
     preset = "keyboard"
 
+Microsoft OS descriptors (``[os_desc]`` and ``os_desc.interface.<name>`` of a
+function) are described in :mod:`usbipx.gadget.osdesc`.
+
 :func:`parse_spec` checks everything that can be checked without the kernel
 (names, ranges, backing files, references between configs and functions)
 and raises :class:`~usbipx.errors.ConfigError` naming the key at fault, so a
@@ -59,6 +62,13 @@ from usbipx.gadget.functions import (
     function_type,
     generic,
 )
+from usbipx.gadget.osdesc import (
+    INTERFACE_NAME,
+    InterfaceOsDesc,
+    OsDescSpec,
+    parse_interfaces,
+    parse_os_desc,
+)
 from usbipx.names import GADGET_NAME
 from usbipx.tomlfile import read_toml
 
@@ -69,6 +79,7 @@ FUNCTION_NAME = re.compile(r"([A-Za-z0-9_]+)\.([A-Za-z0-9_-]+)")
 CONFIG_LABEL = re.compile(r"[A-Za-z0-9_-]{1,32}")
 UDC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _ATTR_NAME = re.compile(r"[A-Za-z0-9_]+")
+_LINK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 UDC_AUTO = "auto"
 UDC_NONE = "none"
 _GADGET_NAME_RULE = "letters, digits, _ and -, at most 64"
@@ -105,12 +116,14 @@ class FunctionSpec:
     """One function directory ``functions/<type>.<instance>``.
 
     ``attrs`` maps configfs attribute names to values (HID presets already
-    expanded); ``luns`` holds mass_storage's ``lun.N`` sub-directories.
+    expanded); ``luns`` holds mass_storage's ``lun.N`` sub-directories;
+    ``os_desc`` the compatible ids of its ``os_desc/interface.<name>``.
     """
 
     name: str
     attrs: Mapping[str, AttrValue] = field(default_factory=dict)
     luns: Mapping[int, Mapping[str, AttrValue]] = field(default_factory=dict)
+    os_desc: Mapping[str, InterfaceOsDesc] = field(default_factory=dict)
 
     @property
     def type(self) -> str:
@@ -154,6 +167,7 @@ class GadgetSpec:
 
     ``udc`` is the UDC to bind to: a name, ``"auto"``, ``"none"`` (unbound) or
     None (no preference: a new gadget stays unbound, a bound one stays bound).
+    ``os_desc`` None: no Microsoft OS descriptors (``os_desc/use`` 0, no link).
     """
 
     name: str
@@ -162,9 +176,15 @@ class GadgetSpec:
     configs: tuple[ConfigSpec, ...] = ()
     functions: Mapping[str, FunctionSpec] = field(default_factory=dict)
     udc: str | None = None
+    os_desc: OsDescSpec | None = None
 
     def config(self, dirname: str) -> ConfigSpec | None:
         return next((c for c in self.configs if c.dirname == dirname), None)
+
+    def os_desc_config(self) -> ConfigSpec | None:
+        """The configuration ``os_desc/`` links to, or None."""
+        n = self.os_desc.config if self.os_desc is not None else None
+        return next((c for c in self.configs if c.number == n), None)
 
 
 # ---------------------------------------------------------------- parsing
@@ -221,7 +241,7 @@ def _parse(data: Mapping[str, Any]) -> GadgetSpec:
         raise ConfigError(f"udc: {udc!r} is not a UDC name (e.g. dummy_udc.0), auto or none")
 
     attrs = _parse_attrs(data, GADGET_ATTRS, (), {"name", "udc", "strings", "configs",
-                                                    "functions"})
+                                                    "functions", "os_desc"})
     strings = _parse_strings(data.get("strings", {}), GADGET_STRINGS, ("strings",))
 
     functions: dict[str, FunctionSpec] = {}
@@ -238,10 +258,14 @@ def _parse(data: Mapping[str, Any]) -> GadgetSpec:
             raise ConfigError(f"configs[{i}].number: configuration {cfg.number} is given twice")
         configs.append(cfg)
 
+    os_desc = None
+    if "os_desc" in data:
+        os_desc = parse_os_desc(data["os_desc"], [c.number for c in configs])
+
     if udc is not None and udc != UDC_NONE:
         check_bindable(configs, f"udc = {udc!r}")
     return GadgetSpec(name=name, attrs=attrs, strings=strings, configs=tuple(configs),
-                      functions=functions, udc=udc)
+                      functions=functions, udc=udc, os_desc=os_desc)
 
 
 def check_bindable(configs: tuple[ConfigSpec, ...] | list[ConfigSpec], why: str) -> None:
@@ -256,7 +280,8 @@ def check_bindable(configs: tuple[ConfigSpec, ...] | list[ConfigSpec], why: str)
 
 def check_names(spec: GadgetSpec) -> None:
     """Raise :class:`ValidationError` unless every name in ``spec`` that becomes part of a
-    configfs path is valid: the gadget, its functions, configs, LUNs and UDC.
+    configfs path is valid: the gadget, its functions, configs, LUNs, OS descriptor
+    interfaces and links, and UDC.
 
     :func:`parse_spec` checks all of this with the key at fault; this is for specs
     built in code, checked again before anything reaches configfs.
@@ -275,6 +300,10 @@ def check_names(spec: GadgetSpec) -> None:
                 if _ATTR_NAME.fullmatch(k) is None:
                     raise ValidationError(f"gadget {spec.name}: {f.name}: {k!r} is not "
                                           "a configfs attribute name")
+        for i in f.os_desc:
+            if INTERFACE_NAME.fullmatch(i) is None:
+                raise ValidationError(f"gadget {spec.name}: {f.name}: {i!r} is not an "
+                                      "interface name")
     for c in spec.configs:
         if CONFIG_LABEL.fullmatch(c.label) is None or not 1 <= c.number <= 255:
             raise ValidationError(f"gadget {spec.name}: {c.dirname!r} is not a config "
@@ -283,6 +312,13 @@ def check_names(spec: GadgetSpec) -> None:
             if fname not in spec.functions:
                 raise ValidationError(f"gadget {spec.name}: config {c.dirname} links "
                                       f"{fname!r}, which is not one of its functions")
+    od = spec.os_desc
+    if od is not None:
+        if od.config is not None and spec.os_desc_config() is None:
+            raise ValidationError(f"gadget {spec.name}: os_desc links configuration "
+                                  f"{od.config}, which it does not have")
+        if od.link and _LINK_NAME.fullmatch(od.link) is None:
+            raise ValidationError(f"gadget {spec.name}: {od.link!r} is not a link name")
 
 
 def _parse_attrs(body: Mapping[str, Any], catalogue: tuple[GadgetAttr, ...],
@@ -399,6 +435,7 @@ def _parse_function(name: str, body: object) -> FunctionSpec:
                               f"(known: {', '.join(hid.PRESETS)})")
         attrs.update(preset.attrs())  # explicit keys below override the preset
 
+    raw_os_desc = table.pop("os_desc", None)
     raw_luns: dict[int, tuple[tuple[str | int, ...], object]] = {}
     for k in list(table):
         lm = _LUN_KEY.fullmatch(k)
@@ -429,13 +466,14 @@ def _parse_function(name: str, body: object) -> FunctionSpec:
             lun[k] = coerce(lattr, v, _key(*lpath, k))
         luns[n] = lun
 
+    os_desc = parse_interfaces(ftype, raw_os_desc, key) if raw_os_desc is not None else {}
     if ftype is not None:
         if ftype.extra_check is not None:
             ftype.extra_check(attrs, luns, key)
         for a in ftype.attrs:
             if a.required and a.name not in attrs:
                 raise ConfigError(f"{_key(*prefix, a.name)}: missing (required)")
-    return FunctionSpec(name=name, attrs=attrs, luns=luns)
+    return FunctionSpec(name=name, attrs=attrs, luns=luns, os_desc=os_desc)
 
 
 def _function_attr(ftype: FunctionType | None, name: str, path: tuple[str | int, ...]) -> Attr:
@@ -457,6 +495,6 @@ def _function_attr(ftype: FunctionType | None, name: str, path: tuple[str | int,
 # Attribute kinds exported for callers that format values (show, JSON).
 __all__ = [
     "LANG_EN_US", "UDC_AUTO", "UDC_NONE", "ConfigSpec", "FunctionSpec", "GadgetSpec",
-    "Kind", "check_bindable", "check_names", "is_gadget_name", "load_spec", "loads_spec",
-    "parse_spec", "validate_gadget_name", "validate_udc_name",
+    "InterfaceOsDesc", "Kind", "OsDescSpec", "check_bindable", "check_names", "is_gadget_name",
+    "load_spec", "loads_spec", "parse_spec", "validate_gadget_name", "validate_udc_name",
 ]

@@ -102,6 +102,43 @@ class Unlink:
 
 
 @dataclass(frozen=True)
+class OsDescLink:
+    """Link ``os_desc/`` to config ``config`` as ``name`` (default: the config's name):
+    the configuration that carries the Microsoft OS descriptors."""
+
+    config: str
+    name: str = ""
+
+    @property
+    def link(self) -> str:
+        return f"os_desc/{self.name or self.config}"
+
+    def what(self, gadget: str) -> str:
+        return f"link {self.link}"
+
+    def undo(self) -> tuple[Step, ...]:
+        return (OsDescUnlink(self.name or self.config, self.config),)
+
+
+@dataclass(frozen=True)
+class OsDescUnlink:
+    """Remove link ``name`` (to config ``config``) from ``os_desc/``."""
+
+    name: str
+    config: str
+
+    @property
+    def link(self) -> str:
+        return f"os_desc/{self.name}"
+
+    def what(self, gadget: str) -> str:
+        return f"unlink {self.link}"
+
+    def undo(self) -> tuple[Step, ...]:
+        return (OsDescLink(self.config, "" if self.name == self.config else self.name),)
+
+
+@dataclass(frozen=True)
 class BindUdc:
     """Bind the gadget to UDC ``udc``."""
 
@@ -127,11 +164,12 @@ class UnbindUdc:
         return (BindUdc(self.udc),)
 
 
-Step = Mkdir | Rmdir | Write | Link | Unlink | BindUdc | UnbindUdc
+Step = Mkdir | Rmdir | Write | Link | Unlink | OsDescLink | OsDescUnlink | BindUdc | UnbindUdc
 
 
 def _shown(path: str, gadget: str) -> str:
     return path or f"usb_gadget/{gadget}"
 
 
-__all__ = ["TEXT", "BindUdc", "Link", "Mkdir", "Rmdir", "Step", "UnbindUdc", "Unlink", "Write"]
+__all__ = ["TEXT", "BindUdc", "Link", "Mkdir", "OsDescLink", "OsDescUnlink", "Rmdir", "Step",
+           "UnbindUdc", "Unlink", "Write"]

@@ -21,8 +21,19 @@ from usbipx.gadget.configfs import Configfs
 from usbipx.gadget.live import read_gadget
 from usbipx.gadget.plan import plan_apply, plan_remove
 from usbipx.gadget.spec import GadgetSpec, check_bindable, check_names, validate_gadget_name
-from usbipx.gadget.steps import BindUdc, Link, Mkdir, Rmdir, Step, UnbindUdc, Unlink, Write
-from usbipx.gadget.udc import target_udc
+from usbipx.gadget.steps import (
+    BindUdc,
+    Link,
+    Mkdir,
+    OsDescLink,
+    OsDescUnlink,
+    Rmdir,
+    Step,
+    UnbindUdc,
+    Unlink,
+    Write,
+)
+from usbipx.gadget.udc import wait_for_udc
 from usbipx.sysfs import Sysfs
 
 
@@ -89,6 +100,10 @@ def perform(cf: Configfs, gadget: str, step: Step) -> None:
             cf.sysfs.symlink(cf.gadget(gadget, "functions", function), cf.gadget(gadget, step.link))
         case Unlink():
             cf.sysfs.unlink(cf.gadget(gadget, step.link))
+        case OsDescLink(config):
+            cf.sysfs.symlink(cf.gadget(gadget, "configs", config), cf.gadget(gadget, step.link))
+        case OsDescUnlink():
+            cf.sysfs.unlink(cf.gadget(gadget, step.link))
         case BindUdc(udc):
             cf.bind(gadget, udc)
         case UnbindUdc():
@@ -128,11 +143,14 @@ def _rollback(cf: Configfs, gadget: str, done: list[Step]) -> list[str]:
     return errors
 
 
-def apply_spec(spec: GadgetSpec, sysfs: Sysfs, udc: str | None = None) -> AppliedGadget:
+def apply_spec(spec: GadgetSpec, sysfs: Sysfs, udc: str | None = None,
+               wait: float = 0) -> AppliedGadget:
     """Create the gadget of ``spec``, or converge the existing one to it.
 
     ``udc`` (a UDC name, ``"auto"`` or ``"none"``) overrides ``spec.udc``;
     with neither, a new gadget stays unbound and a bound one keeps its UDC.
+    ``wait``: seconds to wait for that UDC to exist and be free (for ``auto``:
+    for a free one) before giving up; nothing is changed before.
     Idempotent: a gadget that already matches is not touched.  A changed
     gadget is unbound, changed and bound again.  On any failure every step
     is undone and :class:`GadgetApplyError` names the failed step.
@@ -142,7 +160,8 @@ def apply_spec(spec: GadgetSpec, sysfs: Sysfs, udc: str | None = None) -> Applie
     cf.require()
     actual = read_gadget(spec.name, sysfs) if cf.exists(spec.name) else None
     current = actual.udc if actual is not None else None
-    target = target_udc(sysfs, spec.name, udc if udc is not None else spec.udc, current)
+    target = wait_for_udc(sysfs, spec.name, udc if udc is not None else spec.udc, current,
+                          wait)
     if target is not None:
         check_bindable(spec.configs, f"binding to {target}")
     plan = plan_apply(spec, actual, target)

@@ -10,6 +10,8 @@ configfs gadget it is the gadget's name; a legacy gadget module (``g_zero``
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from usbipx.errors import DeviceBusy, DeviceNotFound
@@ -115,4 +117,29 @@ def target_udc(sysfs: Sysfs, gadget: str, want: str | None, current: str | None)
     return want
 
 
-__all__ = ["UDC_CLASS", "UdcInfo", "choose_udc", "gadget_on_udc", "list_udcs", "target_udc"]
+def wait_for_udc(sysfs: Sysfs, gadget: str, want: str | None, current: str | None,
+                 timeout: float, *, interval: float = 0.2,
+                 sleep: Callable[[float], None] | None = None,
+                 clock: Callable[[], float] | None = None) -> str | None:
+    """:func:`target_udc`, asked again every ``interval`` seconds for up to ``timeout``
+    while the UDC is missing or held: at boot a UDC driver may come after the gadget's
+    unit, and a UDC may be freed by another gadget going.
+
+    On timeout the last answer's error, saying how long it waited.
+    """
+    sleep = sleep or time.sleep
+    clock = clock or time.monotonic
+    deadline = clock() + timeout
+    while True:
+        try:
+            return target_udc(sysfs, gadget, want, current)
+        except (DeviceNotFound, DeviceBusy) as exc:
+            if clock() >= deadline:
+                if timeout <= 0:
+                    raise
+                raise type(exc)(f"{exc} (waited {timeout:g} s)") from None
+        sleep(min(interval, max(0.0, deadline - clock())))
+
+
+__all__ = ["UDC_CLASS", "UdcInfo", "choose_udc", "gadget_on_udc", "list_udcs", "target_udc",
+           "wait_for_udc"]

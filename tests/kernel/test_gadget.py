@@ -7,12 +7,16 @@ host drivers (usb-storage, cdc_acm, usbhid) talk to the gadget functions.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import fcntl
 import glob
 import json
 import os
 import select
+import shlex
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -449,3 +453,207 @@ def test_a_path_given_as_gadget_name_is_refused():
         assert whole_configfs() == before
     finally:
         shutil.rmtree(target, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- Microsoft OS descriptors
+
+WINDOWS = """
+name = "labwin"
+udc = "{udc}"
+id_vendor = 0x1d6b
+id_product = 0x0104
+
+[strings]
+product = "RNDIS for Windows"
+
+[os_desc]
+b_vendor_code = {code}
+qw_sign = "MSFT100"
+
+[[configs]]
+number = 1
+functions = ["rndis.usb0", "acm.tty"]
+
+[functions."rndis.usb0"]
+[functions."rndis.usb0".os_desc.interface.rndis]
+compatible_id = "RNDIS"
+sub_compatible_id = "5162001"
+
+[functions."acm.tty"]
+"""
+
+
+class CtrlTransfer(ctypes.Structure):
+    """struct usbdevfs_ctrltransfer (linux/usbdevice_fs.h), x86_64 layout."""
+
+    _fields_ = [("bRequestType", ctypes.c_uint8), ("bRequest", ctypes.c_uint8),
+                ("wValue", ctypes.c_uint16), ("wIndex", ctypes.c_uint16),
+                ("wLength", ctypes.c_uint16), ("timeout", ctypes.c_uint32),
+                ("data", ctypes.c_void_p)]
+
+
+# _IOWR('U', 0, struct usbdevfs_ctrltransfer)
+USBDEVFS_CONTROL = (3 << 30) | (ctypes.sizeof(CtrlTransfer) << 16) | (ord("U") << 8) | 0
+
+
+def usbfs_node(dev: Path, tmp: Path) -> str:
+    """/dev/bus/usb/BBB/DDD of a host-side device; made from its dev attribute if missing."""
+    bus, num = int((dev / "busnum").read_text()), int((dev / "devnum").read_text())
+    node = f"/dev/bus/usb/{bus:03d}/{num:03d}"
+    if os.path.exists(node):
+        return node
+    major, minor = map(int, (dev / "dev").read_text().split(":"))
+    assert major == 189, major  # usb_device
+    made = tmp / f"usb-{bus:03d}-{num:03d}"
+    os.mknod(made, 0o600 | stat.S_IFCHR, os.makedev(major, minor))
+    return str(made)
+
+
+def control_in(node: str, request_type: int, request: int, value: int, index: int,
+               length: int) -> bytes:
+    """A control IN transfer through usbfs; the bytes the device answered."""
+    buf = ctypes.create_string_buffer(length)
+    ctrl = CtrlTransfer(request_type, request, value, index, length, 5000,
+                        ctypes.cast(buf, ctypes.c_void_p))
+    fd = os.open(node, os.O_RDWR)
+    try:
+        n = fcntl.ioctl(fd, USBDEVFS_CONTROL, ctrl)
+    finally:
+        os.close(fd)
+    return buf.raw[:n]
+
+
+def ms_os_string(node: str) -> bytes:
+    # GET_DESCRIPTOR(STRING, 0xEE), language 0: Microsoft's OS string descriptor.
+    return control_in(node, 0x80, 0x06, 0x0300 | 0xEE, 0, 0x12)
+
+
+def test_os_descriptors_reach_the_host(sysfs, tmp_path):
+    result = apply_spec(loads_spec(WINDOWS.format(udc=UDC, code="0xcd")), sysfs)
+    assert result.udc == UDC
+    g = Path(GADGETS, "labwin")
+    assert (g / "os_desc/use").read_text() == "1\n"
+    assert (g / "os_desc/qw_sign").read_text() == "MSFT100\n"
+    assert os.readlink(g / "os_desc/c.1").endswith("/configs/c.1")
+    ids = g / "functions/rndis.usb0/os_desc/interface.rndis"
+    assert (ids / "compatible_id").read_bytes() == b"RNDIS\0\0\0"
+    assert (ids / "sub_compatible_id").read_bytes() == b"5162001\0"
+
+    node = usbfs_node(host_device(), tmp_path)
+    desc = ms_os_string(node)
+    # bLength, bDescriptorType STRING, qwSignature "MSFT100" in UTF-16LE, bMS_VendorCode, bPad
+    assert desc == bytes([0x12, 0x03]) + "MSFT100".encode("utf-16-le") + bytes([0xCD, 0x00])
+    # asked with that vendor code: the extended compat id feature descriptor (wIndex 4)
+    compat = control_in(node, 0xC0, 0xCD, 0, 4, 0x28)
+    length, version, index, count = struct.unpack_from("<IHHB", compat)
+    assert (length, version, index, count) == (0x28, 0x0100, 4, 1)
+    first, _, cid, sub = struct.unpack_from("<BB8s8s", compat, 16)
+    assert (first, cid, sub) == (0, b"RNDIS\0\0\0", b"5162001\0")
+
+    # libcomposite takes os_desc/ when it binds: a new vendor code reaches the host
+    # because the plan unbinds, writes and binds again
+    changed = apply_spec(loads_spec(WINDOWS.format(udc=UDC, code="0x21")), sysfs)
+    assert changed.steps == (f"unbind UDC {UDC}", "write os_desc/b_vendor_code", f"bind UDC {UDC}")
+    node = usbfs_node(host_device(), tmp_path)
+    assert ms_os_string(node)[-2:] == bytes([0x21, 0x00])
+    assert (g / "os_desc/b_vendor_code").read_text() == "0x21\n"
+
+    # saved, removed (os_desc/ unlinked before its config goes) and applied again
+    before = tree("labwin")
+    saved = dump_spec(save_gadget("labwin", sysfs))
+    assert "[os_desc]\nuse = true\nb_vendor_code = 0x21\n" in saved
+    remove_gadget("labwin", sysfs)
+    assert not g.exists()
+    apply_spec(loads_spec(saved), sysfs)
+    host_device()
+    assert tree("labwin") == before
+
+
+# ---------------------------------------------------------------- gadgets at boot
+
+UNIT = Path(__file__).resolve().parents[2] / "daemon" / "systemd" / "usbipx-gadget@.service"
+BOOT_SPECS = Path("/etc/usbipx/gadgets")  # the lab's root is a tmpfs overlay
+
+
+def unit_commands(instance: str) -> dict[str, list[list[str]]]:
+    """ExecStartPre/ExecStart/ExecStop of usbipx-gadget@<instance>, as argv lists."""
+    out: dict[str, list[list[str]]] = {}
+    for raw in UNIT.read_text().splitlines():
+        key, _, value = raw.partition("=")
+        if key in ("ExecStartPre", "ExecStart", "ExecStop"):
+            argv = [w.replace("%i", instance) for w in shlex.split(value)]
+            if argv[0] == "/usr/local/bin/usbipx":
+                argv[0] = USBIPX
+            out.setdefault(key, []).append(argv)
+    return out
+
+
+def boot_spec(name: str, udc: str | None) -> str:
+    text = f'name = "{name}"\nid_vendor = 0x1d6b\nid_product = 0x0104\n'
+    if udc:
+        text += f'udc = "{udc}"\n'
+    return text + '[[configs]]\nnumber = 1\nfunctions = ["acm.a"]\n[functions."acm.a"]\n'
+
+
+@pytest.fixture
+def boot_specs():
+    made = [d for d in (BOOT_SPECS.parent, BOOT_SPECS) if not d.exists()]
+    BOOT_SPECS.mkdir(parents=True, exist_ok=True)
+    before = set(BOOT_SPECS.iterdir())
+    yield BOOT_SPECS
+    for p in set(BOOT_SPECS.iterdir()) - before:
+        p.unlink()
+    for d in reversed(made):
+        d.rmdir()
+
+
+def run_unit(instance: str, which: str) -> subprocess.CompletedProcess[str]:
+    res = None
+    for argv in unit_commands(instance)[which]:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        if res.returncode != 0:
+            break
+    assert res is not None
+    return res
+
+
+def test_the_boot_units_commands_build_and_remove_several_gadgets(sysfs, boot_specs):
+    (boot_specs / "labdisk.toml").write_text(boot_spec("labdisk", UDC))
+    (boot_specs / "labany.toml").write_text(boot_spec("labany", None))
+    (boot_specs / "labwrong.toml").write_text(boot_spec("other", None))
+    for instance in ("labdisk", "labany"):
+        for which in ("ExecStartPre", "ExecStart"):
+            r = run_unit(instance, which)
+            assert r.returncode == 0, (which, r.stderr)
+    # the UDC the spec names, and a free one (a vUDC first) for the spec naming none
+    assert gadget_on_udc(UDC, sysfs) == "labdisk"
+    assert gadget_on_udc("usbip-vudc.0", sysfs) == "labany"
+    host_device()
+    r = run_unit("labwrong", "ExecStart")
+    assert r.returncode == 2 and "the gadget is named 'other', not 'labwrong'" in r.stderr
+    assert sorted(list_gadgets(sysfs)) == ["labany", "labdisk"]
+    for instance in ("labdisk", "labany"):
+        r = run_unit(instance, "ExecStop")
+        assert r.returncode == 0, r.stderr
+    assert list_gadgets(sysfs) == []
+    assert gadget_on_udc(UDC, sysfs) is None
+
+
+def test_the_boot_unit_waits_for_its_udc_to_be_free(sysfs, boot_specs, disk):
+    path, _ = disk
+    apply_spec(loads_spec(spec_text(path, name="holder", udc="dummy_udc.1")), sysfs)
+    (boot_specs / "labwait.toml").write_text(boot_spec("labwait", "dummy_udc.1"))
+    (start,) = unit_commands("labwait")["ExecStart"]
+    proc = subprocess.Popen(start, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2)
+        assert proc.poll() is None, proc.communicate()  # still waiting
+        assert list_gadgets(sysfs) == ["holder"]  # nothing built while it waits
+        remove_gadget("holder", sysfs)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert out.startswith("gadget labwait: created, bound to dummy_udc.1")
+    assert gadget_on_udc("dummy_udc.1", sysfs) == "labwait"

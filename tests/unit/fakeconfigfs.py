@@ -19,7 +19,14 @@ kernel, Debian 6.1) and then change the fake tree as the kernel would:
   EPERM (lun.0, default groups);
 * links while bound: EINVAL; unlink while bound unbinds (as the kernel does);
 * UDC: EBUSY when already bound, the UDC is held or unknown, or a config has
-  no function; ENODEV when unbinding an unbound gadget.
+  no function; ENODEV when unbinding an unbound gadget;
+* os_desc/: one link, to a config of the gadget (a second: EBUSY; anything
+  else: EINVAL), made while bound too; unlinking it while bound unbinds; a
+  config it links can't be removed (EBUSY); ``b_vendor_code`` reads back as a
+  sign-extended char (0xffffffcd); ``qw_sign`` takes at most 7 bytes and keeps
+  the rest of the old value, a lone newline is a write of 0 bytes; rndis and
+  ncm have os_desc/interface.<type>/compatible_id and sub_compatible_id, 8 raw
+  bytes each of which a shorter write replaces only its length.
 
 ``ops`` logs every successful mutation; ``fail_at`` makes the N-th mutating
 call fail with ``fail_errno`` (to test rollback from every step).
@@ -63,10 +70,14 @@ GADGET_FILES: Files = {
     "max_speed": (RW, b"super-speed-plus\n", "speed"),
 }
 OS_DESC_FILES: Files = {
-    "b_vendor_code": (RW, b"0x00\n", "hex8"),
-    "qw_sign": (RW, b"\n", "str"),
+    "b_vendor_code": (RW, b"0x00\n", "char8"),
+    "qw_sign": (RW, b"\n", "qwsign"),
     "use": (RW, b"0\n", "bool"),
 }
+INTERFACE_FILES: Files = {"compatible_id": (RW, b"\0" * 8, "compat8"),
+                          "sub_compatible_id": (RW, b"\0" * 8, "compat8")}
+# Function types with os_desc/interface.<name>/ (usb_os_desc_prepare_interf_dir).
+OS_DESC_INTERFACES = {"rndis": "rndis", "ncm": "ncm"}
 CONFIG_FILES: Files = {"MaxPower": (RW, b"2\n", "int"), "bmAttributes": (RW, b"0x80\n", "bmattr")}
 GADGET_STRING_FILES: Files = {n: (RW, b"", "string") for n in ("manufacturer", "product",
                                                                  "serialnumber")}
@@ -197,6 +208,14 @@ class FakeConfigfs(Sysfs):
                     return True
         return False
 
+    def _os_desc_link(self, g: str) -> str | None:
+        """The config os_desc/ links to, or None."""
+        d = self._gadget_dir(g) / "os_desc"
+        for n in os.listdir(d):
+            if os.path.islink(d / n):
+                return os.path.basename(os.readlink(d / n))
+        return None
+
     def _bound(self, g: str) -> str:
         return (self._gadget_dir(g) / "UDC").read_bytes().decode().strip()
 
@@ -271,6 +290,10 @@ class FakeConfigfs(Sysfs):
         elif n == 3 and parts[1] == "functions":
             ftype = parts[2].split(".", 1)[0]
             self._populate(d, FUNCTION_FILES.get(ftype, {}))
+            if ftype in OS_DESC_INTERFACES:
+                i = d / "os_desc" / f"interface.{OS_DESC_INTERFACES[ftype]}"
+                os.makedirs(i)
+                self._populate(i, INTERFACE_FILES)
             if ftype == "mass_storage":
                 os.mkdir(d / "lun.0")
                 self._populate(d / "lun.0", LUN_FILES)
@@ -320,6 +343,8 @@ class FakeConfigfs(Sysfs):
                 return errno.EPERM
             return errno.EBUSY if self._linked(g, parts[2]) else 0
         if n == 3 and parts[1] == "configs":
+            if self._os_desc_link(g) == parts[2]:
+                return errno.EBUSY  # the target of os_desc/'s link
             if any(os.path.islink(d / x) for x in os.listdir(d)) or os.listdir(d / "strings"):
                 return errno.ENOTEMPTY
             return 0
@@ -345,6 +370,9 @@ class FakeConfigfs(Sysfs):
             return
         self._gate("link", rel)
         tparts = self._split(target)
+        if len(parts) == 3 and parts[1] == "os_desc":
+            self._symlink_os_desc(parts, tparts, target, rel)
+            return
         ok = (len(parts) == 4 and parts[1] == "configs" and tparts is not None
               and len(tparts) == 3 and tparts[0] == parts[0] and tparts[1] == "functions"
               and self.path(target).is_dir())
@@ -359,6 +387,20 @@ class FakeConfigfs(Sysfs):
                 os.path.islink(cdir / x) and os.path.realpath(cdir / x) == tgt
                 for x in os.listdir(cdir)):
             self._raise(errno.EEXIST, rel, "link")
+        os.symlink(self.path(target), self.path(rel))
+        self._to_front(self.path(rel))
+        self.ops.append(f"link {rel}")
+
+    def _symlink_os_desc(self, parts: tuple[str, ...], tparts: tuple[str, ...] | None,
+                         target: str | PurePosixPath, rel: str | PurePosixPath) -> None:
+        """os_desc/<name> -> configs/<c>: one config of this gadget; allowed while bound."""
+        if not (tparts is not None and len(tparts) == 3 and tparts[0] == parts[0]
+                and tparts[1] == "configs" and self.path(target).is_dir()):
+            self._raise(errno.EINVAL if self.path(target).exists() else errno.ENOENT, rel, "link")
+        if self.path(rel).exists() or self.path(rel).is_symlink():
+            self._raise(errno.EEXIST, rel, "link")
+        if self._os_desc_link(parts[0]) is not None:
+            self._raise(errno.EBUSY, rel, "link")
         os.symlink(self.path(target), self.path(rel))
         self._to_front(self.path(rel))
         self.ops.append(f"link {rel}")
@@ -408,6 +450,8 @@ class FakeConfigfs(Sysfs):
             return GADGET_FILES.get(name, (0, b"", "?"))[2]
         if n == 3 and parts[1] == "os_desc":
             return OS_DESC_FILES.get(name, (0, b"", "?"))[2]
+        if n == 6 and parts[1] == "functions" and parts[3] == "os_desc":
+            return INTERFACE_FILES.get(name, (0, b"", "?"))[2]
         if parts[1] == "configs":
             if n == 3:
                 return CONFIG_FILES.get(name, (0, b"", "?"))[2]
@@ -427,6 +471,8 @@ class FakeConfigfs(Sysfs):
         g = parts[0]
         if kind == "udc":
             return self._store_udc(g, data.decode().strip())
+        if kind in ("compat8", "qwsign"):
+            return self._store_partial(parts, kind, data)
         in_function = len(parts) >= 4 and parts[1] == "functions"
         if in_function:
             fname = parts[2]
@@ -444,6 +490,25 @@ class FakeConfigfs(Sysfs):
             return self._format(kind, body, data)
         except ValueError:
             return errno.EINVAL, None
+
+    def _store_partial(self, parts: tuple[str, ...], kind: str,
+                       data: bytes) -> tuple[int, bytes | None]:
+        """Fixed-size fields a write overwrites only as far as it goes (os_desc)."""
+        old = self.path(f"{GADGETS}/{'/'.join(parts)}").read_bytes()
+        size = 8 if kind == "compat8" else 7
+        n = min(size, len(data))
+        if data[n - 1:n] == b"\n":
+            n -= 1
+        if kind == "compat8":  # memcpy of n bytes over the 8; shown raw
+            return 0, data[:n] + old[n:]
+        if n == 0:
+            return errno.EIO, None  # the store returns 0: a short write
+        try:
+            new = data[:n].decode()
+        except UnicodeDecodeError:
+            return errno.EINVAL, None
+        shown = old.decode().rstrip("\n")
+        return 0, (new + shown[len(new):]).encode() + b"\n"
 
     def _format(self, kind: str, body: str, data: bytes) -> tuple[int, bytes | None]:
         if kind in ("ro", "wo"):
@@ -466,6 +531,11 @@ class FakeConfigfs(Sysfs):
             if kind == "bmattr" and (not v & 0x80 or v & ~0xE0):
                 return errno.EINVAL, None
             return 0, (f"0x{v:04x}\n" if kind == "hex16" else f"0x{v:02x}\n").encode()
+        if kind == "char8":  # a C char printed with %02x: sign-extended
+            v = int(body.strip(), 0)
+            if not 0 <= v <= 0xFF:
+                return errno.ERANGE, None
+            return 0, f"0x{v if v < 0x80 else 0xFFFFFF00 | v:02x}\n".encode()
         if kind == "barehex8":
             return 0, f"{int(body.strip(), 16) & 0xFF:02x}\n".encode()
         if kind == "speed":

@@ -191,3 +191,130 @@ def test_a_name_that_is_not_a_gadget_name_is_refused(k, fs, command, name):
         with open(f"{base}/UDC", "rb") as fh:
             assert fh.read() == b"dummy_udc.0\n"
         assert os.listdir(f"{base}/strings") == ["0x409"]
+
+
+# ---------------------------------------------------------------- at boot: usbipx-gadget@.service
+
+DISK = SPEC.replace('name = "demo"\nudc = "dummy_udc.0"\n', 'name = "disk"\n')
+
+
+class FakeTime:
+    """``time`` for usbipx.gadget.udc: sleeping moves a clock; ``on_sleep`` runs each time."""
+
+    def __init__(self, on_sleep=None) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+        self.on_sleep = on_sleep
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+        if self.on_sleep is not None:
+            self.on_sleep(len(self.slept))
+
+
+def test_apply_waits_for_the_udc_the_spec_names(fs, monkeypatch):
+    from usbipx.gadget import udc as udc_module
+    fs.create_file("/img/disk.img", contents=b"\0" * 4096)
+    fs.create_file("/specs/demo.toml", contents=SPEC)
+    kernel = FakeConfigfs.build(fs, ROOT, udcs=())  # no UDC driver loaded yet
+    monkeypatch.setitem(globals(), "INJECTED", kernel)
+    clock = FakeTime(on_sleep=lambda n: kernel.add_udc("dummy_udc.0") if n == 3 else None)
+    monkeypatch.setattr(udc_module, "time", clock)
+    r = run("gadget", "apply", "/specs/demo.toml", "--wait", "10")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("gadget demo: created, bound to dummy_udc.0")
+    assert len(clock.slept) == 3 and clock.now - 1000.0 < 1
+
+
+def test_apply_wait_times_out_with_one_line_and_changes_nothing(fs, monkeypatch):
+    from usbipx.gadget import udc as udc_module
+    fs.create_file("/img/disk.img", contents=b"\0" * 4096)
+    fs.create_file("/specs/demo.toml", contents=SPEC)
+    kernel = FakeConfigfs.build(fs, ROOT, udcs=("dummy_udc.1",))
+    kernel.add_udc("usbip-vudc.0", holder="other")
+    monkeypatch.setitem(globals(), "INJECTED", kernel)
+    clock = FakeTime()
+    monkeypatch.setattr(udc_module, "time", clock)
+    before = snapshot(kernel)
+    r = run("gadget", "apply", "/specs/demo.toml", "--wait", "2.5")
+    assert r.exit_code == 1
+    assert r.stderr == ("usbipx: error: no UDC named dummy_udc.0 in /sys/class/udc (present: "
+                        "usbip-vudc.0, dummy_udc.1) (waited 2.5 s)\n")
+    assert 2.5 <= clock.now - 1000.0 < 2.8 and max(clock.slept) <= 0.2
+    assert snapshot(kernel) == before
+    # auto waits for a free one; there is none
+    kernel.add_udc("dummy_udc.1", holder="g_zero")
+    before = snapshot(kernel)
+    r = run("gadget", "apply", "/specs/demo.toml", "--udc", "auto", "--wait", "1")
+    assert r.stderr == ("usbipx: error: every UDC is held: usbip-vudc.0 by other, dummy_udc.1 "
+                        "by g_zero (waited 1 s)\n")
+    assert snapshot(kernel) == before
+
+
+def test_apply_without_wait_does_not_wait(k, monkeypatch):
+    from usbipx.gadget import udc as udc_module
+    clock = FakeTime()
+    monkeypatch.setattr(udc_module, "time", clock)
+    r = run("gadget", "apply", "/specs/demo.toml", "--udc", "dummy_udc.7")
+    assert r.exit_code == 1 and "no UDC named dummy_udc.7" in r.stderr
+    assert "waited" not in r.stderr and clock.slept == []
+
+
+def test_expect_name_refuses_a_spec_named_otherwise(k, fs):
+    fs.create_file("/specs/disk.toml", contents=SPEC)  # names the gadget demo
+    r = run("gadget", "apply", "/specs/disk.toml", "--expect-name", "disk")
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr.startswith("usbipx: error: /specs/disk.toml: the gadget is named 'demo', "
+                               "not 'disk' as --expect-name says")
+    assert r.stderr.count("\n") == 1
+    assert k.ops == []
+    r = run("gadget", "apply", "/specs/disk.toml", "--expect-name", "../disk")
+    assert r.exit_code == 2 and "'../disk' is not a gadget name" in r.stderr
+    assert run("gadget", "apply", "/specs/demo.toml", "--expect-name", "demo").exit_code == 0
+
+
+def test_default_udc_applies_only_when_the_spec_names_none(k, fs):
+    fs.create_file("/specs/disk.toml", contents=DISK)
+    r = run("gadget", "apply", "/specs/disk.toml", "--default-udc", "auto")
+    assert r.exit_code == 0 and r.stdout.startswith("gadget disk: created, bound to usbip-vudc.0")
+    r = run("gadget", "apply", "/specs/demo.toml", "--default-udc", "auto")
+    assert r.stdout.startswith("gadget demo: created, bound to dummy_udc.0")  # the spec's
+    r = run("gadget", "apply", "/specs/disk.toml", "--default-udc", "no/such")
+    assert r.exit_code == 2 and "'no/such' is not a UDC name" in r.stderr
+
+
+WINDOWS = SPEC.replace('functions = ["mass_storage.disk", "acm.tty", "hid.kbd"]',
+                       'functions = ["rndis.usb0", "acm.tty"]') + """
+[functions."rndis.usb0".os_desc.interface.rndis]
+compatible_id = "RNDIS"
+sub_compatible_id = "5162001"
+
+[os_desc]
+b_vendor_code = 0xcd
+"""
+
+
+def test_show_and_save_os_desc(k, fs):
+    fs.create_file("/specs/win.toml", contents=WINDOWS)
+    assert run("gadget", "apply", "/specs/win.toml").exit_code == 0
+    show = run("gadget", "show", "demo").stdout
+    assert "  os_desc: use 1, b_vendor_code 0xcd, qw_sign 'MSFT100', config c.1\n" in show
+    assert ("    os_desc interface.rndis: compatible_id 'RNDIS', "
+            "sub_compatible_id '5162001'\n") in show
+    js = json.loads(run("gadget", "show", "demo", "--json").stdout)
+    assert js["os_desc"] == {"use": True, "b_vendor_code": 0xCD, "qw_sign": "MSFT100",
+                             "config": 1}
+    assert js["functions"]["rndis.usb0"]["os_desc"] == {
+        "interface": {"rndis": {"compatible_id": "RNDIS", "sub_compatible_id": "5162001"}}}
+    before = snapshot(k)
+    saved = run("gadget", "save", "demo").stdout
+    assert "\n[os_desc]\nuse = true\nb_vendor_code = 0xcd\nqw_sign = \"MSFT100\"\nconfig = 1\n" \
+        in saved
+    fs.create_file("/specs/saved.toml", contents=saved)
+    assert run("gadget", "remove", "demo").exit_code == 0
+    assert run("gadget", "apply", "/specs/saved.toml").exit_code == 0
+    assert snapshot(k) == before

@@ -24,6 +24,7 @@ from usbipx.errors import (
 from usbipx.gadget import hid
 from usbipx.gadget.dump import dump_spec
 from usbipx.gadget.live import list_gadgets, read_gadget, save_gadget
+from usbipx.gadget.osdesc import InterfaceOsDesc
 from usbipx.gadget.spec import load_spec, loads_spec
 from usbipx.gadget.transaction import GadgetApplyError, apply_spec, remove_gadget
 from usbipx.gadget.udc import choose_udc, gadget_on_udc, list_udcs
@@ -143,6 +144,169 @@ def test_the_fake_enforces_the_kernel_ordering_rules(k):
     assert err(k.rmdir, f"{G}/functions/mass_storage.m") == errno.ENOTEMPTY  # lun.1
     # configfs lists the newest entry first
     assert os.listdir(k.path(f"{G}/functions"))[:2] == ["acm.a", "hid.h"]
+
+
+WINDOWS = """
+name = "demo"
+udc = "dummy_udc.0"
+id_vendor = 0x1d6b
+id_product = 0x0104
+
+[os_desc]
+b_vendor_code = 0xcd
+qw_sign = "MSFT100"
+config = 1
+
+[[configs]]
+number = 1
+functions = ["rndis.usb0", "mass_storage.disk"]
+
+[[configs]]
+number = 2
+functions = ["mass_storage.disk"]
+
+[functions."rndis.usb0".os_desc.interface.rndis]
+compatible_id = "RNDIS"
+sub_compatible_id = "5162001"
+
+[functions."mass_storage.disk".lun.0]
+file = "/img/disk.img"
+"""
+RNDIS_IF = "functions/rndis.usb0/os_desc/interface.rndis"
+
+
+def test_the_fake_models_os_desc_as_the_lab_kernel_does(k):
+    """What Linux 6.1 does with os_desc/ (seen on the lab kernel), so plans are held to it."""
+    def err(fn, *args) -> int:
+        with pytest.raises(KernelError) as info:
+            fn(*args)
+        return info.value.errno
+
+    k.mkdir(G)
+    assert sorted(os.listdir(k.path(f"{G}/os_desc"))) == ["b_vendor_code", "qw_sign", "use"]
+    k.write(f"{G}/os_desc/b_vendor_code", "0xcd")
+    assert read(k, "os_desc/b_vendor_code") == b"0xffffffcd\n"  # a C char, sign-extended
+    k.write(f"{G}/os_desc/b_vendor_code", "0x21")
+    assert read(k, "os_desc/b_vendor_code") == b"0x21\n"
+    assert err(k.write, f"{G}/os_desc/b_vendor_code", "256") == errno.ERANGE
+    k.write(f"{G}/os_desc/qw_sign", "MSFT100")
+    k.write(f"{G}/os_desc/qw_sign", "AB")  # the rest of the old value stays
+    assert read(k, "os_desc/qw_sign") == b"ABFT100\n"
+    k.write(f"{G}/os_desc/qw_sign", "MSFT1000")  # 7 bytes taken
+    assert read(k, "os_desc/qw_sign") == b"MSFT100\n"
+    assert err(k.write, f"{G}/os_desc/qw_sign", "\n") == errno.EIO  # a 0-byte store
+    k.mkdir(f"{G}/functions/rndis.r")
+    k.mkdir(f"{G}/functions/ncm.n")
+    k.mkdir(f"{G}/functions/ecm.e")
+    assert os.listdir(k.path(f"{G}/functions/ncm.n/os_desc")) == ["interface.ncm"]
+    assert not k.path(f"{G}/functions/ecm.e/os_desc").exists()
+    cid = f"{G}/functions/rndis.r/os_desc/interface.rndis/compatible_id"
+    assert k.path(cid).read_bytes() == b"\0" * 8
+    k.write(cid, "ABCDEFGH")
+    k.write(cid, "RNDIS")  # replaces 5 of the 8 bytes
+    assert k.path(cid).read_bytes() == b"RNDISFGH"
+    k.write(cid, b"RNDIS\0\0\0")
+    assert k.path(cid).read_bytes() == b"RNDIS\0\0\0"
+    k.mkdir(f"{G}/configs/c.1")
+    k.mkdir(f"{G}/configs/c.2")
+    k.symlink(f"{G}/functions/rndis.r", f"{G}/configs/c.1/rndis.r")
+    k.write(cid, b"WINUSB\0\0")  # not refused while linked
+    assert err(k.symlink, f"{G}/functions/rndis.r", f"{G}/os_desc/rndis.r") == errno.EINVAL
+    k.symlink(f"{G}/configs/c.1", f"{G}/os_desc/c.1")
+    assert err(k.symlink, f"{G}/configs/c.2", f"{G}/os_desc/c.2") == errno.EBUSY  # one only
+    k.unlink(f"{G}/configs/c.1/rndis.r")
+    assert err(k.rmdir, f"{G}/configs/c.1") == errno.EBUSY  # os_desc/ links it
+    k.rmdir(f"{G}/configs/c.2")
+    k.symlink(f"{G}/functions/rndis.r", f"{G}/configs/c.1/rndis.r")
+    k.write(f"{G}/UDC", "dummy_udc.0")
+    k.unlink(f"{G}/os_desc/c.1")  # unbinds, as libcomposite does
+    assert read(k, "UDC") == b"\n"
+    k.write(f"{G}/UDC", "dummy_udc.0")
+    k.symlink(f"{G}/configs/c.1", f"{G}/os_desc/c.1")  # allowed while bound
+    assert read(k, "UDC") == b"dummy_udc.0\n"
+
+
+def test_os_desc_is_built_converged_and_removed_in_the_kernel_order(k, fs):
+    result = apply_spec(loads_spec(WINDOWS), k)
+    assert result.udc == "dummy_udc.0"
+    assert read(k, "os_desc/use") == b"1\n"
+    assert read(k, "os_desc/b_vendor_code") == b"0xffffffcd\n"
+    assert read(k, "os_desc/qw_sign") == b"MSFT100\n"
+    assert os.path.basename(os.readlink(k.path(f"{G}/os_desc/c.1"))) == "c.1"
+    assert read(k, f"{RNDIS_IF}/compatible_id") == b"RNDIS\0\0\0"
+    assert read(k, f"{RNDIS_IF}/sub_compatible_id") == b"5162001\0"
+    # read back as it was given: applying again is not a single write
+    n_ops = len(k.ops)
+    assert not apply_spec(loads_spec(WINDOWS), k).changed
+    assert not apply_spec(read_gadget("demo", k), k).changed
+    assert len(k.ops) == n_ops
+    # another config, a shorter id: as a fresh build of the new spec
+    new = WINDOWS.replace("config = 1", "config = 2").replace('"5162001"', '"51"')
+    result = apply_spec(loads_spec(new), k)
+    assert "unlink os_desc/c.1" in result.steps and result.steps[-1] == "bind UDC dummy_udc.0"
+    assert read(k, f"{RNDIS_IF}/sub_compatible_id") == b"51\0\0\0\0\0\0"
+    assert snapshot(k) == fresh_tree(fs, new, "/fresh")
+    # without [os_desc]: off and unlinked, and a config os_desc/ linked can go
+    off = new.replace("[os_desc]\nb_vendor_code = 0xcd\nqw_sign = \"MSFT100\"\nconfig = 2\n", "")
+    off = off.replace('[[configs]]\nnumber = 2\nfunctions = ["mass_storage.disk"]\n', "")
+    apply_spec(loads_spec(off), k)
+    assert read(k, "os_desc/use") == b"0\n" and not k.path(f"{G}/configs/c.2").exists()
+    assert [n for n in os.listdir(k.path(f"{G}/os_desc")) if "." in n] == []
+    apply_spec(loads_spec(new), k)
+    start = len(k.ops)
+    remove_gadget("demo", k)
+    ops = [op.split("=")[0].replace(G, "") for op in k.ops[start:]]
+    assert ops[:2] == ["write /UDC", "unlink /os_desc/c.2"]  # before its config goes
+    assert ops.index("rmdir /configs/c.2") > 1
+    assert snapshot(k) == {f"udc:{u}": b"" for u in os.listdir(k.path(UDC_CLASS))}
+
+
+def test_save_and_show_os_desc_then_apply_reproduces_the_tree(k):
+    apply_spec(loads_spec(WINDOWS), k)
+    before = snapshot(k)
+    spec = save_gadget("demo", k)
+    assert spec.os_desc is not None and spec.os_desc.config == 1
+    assert spec.os_desc.b_vendor_code == 0xCD  # not 0xffffffcd
+    text = dump_spec(spec)
+    assert "[os_desc]\nuse = true\nb_vendor_code = 0xcd\n" in text
+    assert 'sub_compatible_id = "5162001"' in text
+    remove_gadget("demo", k)
+    apply_spec(loads_spec(text), k)
+    assert snapshot(k) == before
+
+
+def test_os_desc_switched_off_is_saved_as_it_is(k):
+    """use = 0 and no link, with a vendor code and signature left behind: saved and applied
+    again, it stays unlinked."""
+    apply_spec(loads_spec(WINDOWS), k)
+    off = WINDOWS.replace("[os_desc]\nb_vendor_code = 0xcd\nqw_sign = \"MSFT100\"\nconfig = 1\n", "")
+    apply_spec(loads_spec(off), k)
+    before = snapshot(k)
+    saved = dump_spec(save_gadget("demo", k))
+    assert "[os_desc]\nuse = false\nb_vendor_code = 0xcd\nqw_sign = \"MSFT100\"\n\n" in saved
+    remove_gadget("demo", k)
+    apply_spec(loads_spec(saved), k)
+    assert snapshot(k) == before
+
+
+def test_os_desc_set_up_by_another_tool_is_read_and_removed(k):
+    """A link named otherwise (libusbgx-style), a signature never written."""
+    k.mkdir(G)
+    k.mkdir(f"{G}/functions/ncm.usb0")
+    k.mkdir(f"{G}/configs/b.1")
+    k.symlink(f"{G}/functions/ncm.usb0", f"{G}/configs/b.1/ncm.usb0")
+    k.write(f"{G}/os_desc/use", "1")
+    k.write(f"{G}/os_desc/b_vendor_code", "0x99")
+    k.symlink(f"{G}/configs/b.1", f"{G}/os_desc/config")
+    g = read_gadget("demo", k)
+    assert g.os_desc is not None
+    assert (g.os_desc.use, g.os_desc.b_vendor_code, g.os_desc.qw_sign) == (True, 0x99, None)
+    assert (g.os_desc.config, g.os_desc.link) == (1, "config")
+    assert g.functions["ncm.usb0"].os_desc == {"ncm": InterfaceOsDesc()}
+    assert "qw_sign" not in dump_spec(save_gadget("demo", k))
+    assert "interface" not in dump_spec(save_gadget("demo", k))  # empty ids are left out
+    remove_gadget("demo", k)
+    assert not k.path(G).exists()
 
 
 # ---------------------------------------------------------------- apply
@@ -355,6 +519,10 @@ CONVERGE_TO = demo(**{'preset = "keyboard"': 'preset = "mouse"',
     (None, DEMO),  # create
     (DEMO, CONVERGE_TO),  # converge
     (DEMO, DEMO.replace('udc = "dummy_udc.0"', 'udc = "usbip-vudc.0"')),  # move
+    (None, WINDOWS),  # create with os_desc
+    (WINDOWS, WINDOWS.replace("config = 1", "config = 2").replace('"RNDIS"', '"WINUSB"')
+     .replace("0xcd", "0x21")),  # converge os_desc
+    (WINDOWS, DEMO),  # os_desc off, its config and function gone
 ])
 def test_a_failure_at_any_step_leaves_configfs_exactly_as_before(fs, disks, setup, target):
     n = _count_steps(fs, target, setup)
@@ -373,15 +541,16 @@ def test_a_failure_at_any_step_leaves_configfs_exactly_as_before(fs, disks, setu
         assert snapshot(k) == before, f"step {step}: {info.value.step}"
 
 
-def test_a_failure_while_removing_restores_the_gadget(fs, disks):
+@pytest.mark.parametrize("spec", [DEMO, WINDOWS])
+def test_a_failure_while_removing_restores_the_gadget(fs, disks, spec):
     k = FakeConfigfs.build(fs, "/count")
-    apply_spec(loads_spec(DEMO), k)
+    apply_spec(loads_spec(spec), k)
     start = len(k.ops)
     remove_gadget("demo", k)
     n = len(k.ops) - start
     for step in range(1, n + 1):
         k = FakeConfigfs.build(fs, f"/rm{step}")
-        apply_spec(loads_spec(DEMO), k)
+        apply_spec(loads_spec(spec), k)
         before = snapshot(k)
         k.fail_at = k._count + step
         with pytest.raises(GadgetApplyError):
@@ -453,6 +622,9 @@ _FUNCTIONS = {
     "mass_storage.s": '[functions."mass_storage.s".lun.0]\nfile = "/img/disk.img"\nro = true',
     "mass_storage.t": '[functions."mass_storage.t".lun.0]\nfile = "/img/other.img"\n'
                       '[functions."mass_storage.t".lun.2]\ncdrom = true',
+    "rndis.r": '[functions."rndis.r".os_desc.interface.rndis]\ncompatible_id = "RNDIS"',
+    "rndis.w": '[functions."rndis.w".os_desc.interface.rndis]\ncompatible_id = "WINUSB"\n'
+               'sub_compatible_id = "X"',
 }
 
 
@@ -467,7 +639,12 @@ def gadget_texts(draw: st.DrawFn) -> str:
         lines.append(f'udc = "{udc}"')
     if draw(st.booleans()):
         lines += ["[strings]", f'product = "{draw(st.sampled_from(["A", "B"]))}"']
-    for n in range(1, draw(st.integers(1, 2)) + 1):
+    n_configs = draw(st.integers(1, 2))
+    if draw(st.booleans()):
+        lines += ["[os_desc]", f"use = {draw(st.sampled_from(['true', 'false']))}",
+                  f"b_vendor_code = {draw(st.sampled_from([0x21, 0xcd]))}",
+                  f"config = {draw(st.integers(1, n_configs))}"]
+    for n in range(1, n_configs + 1):
         funcs = draw(st.permutations(names))[:draw(st.integers(1, len(names)))]
         lines += ["[[configs]]", f"number = {n}", f"functions = {funcs!r}".replace("'", '"')]
         if draw(st.booleans()):
@@ -496,7 +673,13 @@ def test_converging_any_gadget_to_any_spec_equals_building_it_fresh(k, fs, first
     udc = applied.udc or "none"
     fresh = second if spec.udc else second.replace('name = "g"', f'name = "g"\nudc = "{udc}"')
     expected = fresh_tree(fs, fresh, f"/b{n}")
-    assert snapshot(k1) == expected
+    got = snapshot(k1)
+    if spec.os_desc is None:
+        # Without [os_desc] a converge turns use off and leaves code and signature be:
+        # they do nothing then, and the kernel takes no empty signature (a 0-byte store).
+        for attr in ("g/os_desc/b_vendor_code", "g/os_desc/qw_sign"):
+            got.pop(attr), expected.pop(attr)
+    assert got == expected
     ops = len(k1.ops)
     assert not apply_spec(spec, k1).changed
     assert len(k1.ops) == ops
@@ -574,6 +757,22 @@ def test_a_udc_name_that_is_not_one_is_refused(k, udc):
     with pytest.raises(ValidationError, match="is not a UDC name"):
         apply_spec(loads_spec(DEMO), k, udc=udc)
     assert snapshot(k) == before
+
+
+@pytest.mark.parametrize(("os_desc", "functions", "expected"), [
+    ({"config": 9}, {}, "os_desc links configuration 9, which it does not have"),
+    ({"config": 1, "link": "../x"}, {}, "'../x' is not a link name"),
+    ({"config": 1}, {"rndis.usb0": {"../x": InterfaceOsDesc("RNDIS")}}, "'../x' is not an interface"),
+])
+def test_os_desc_names_built_in_code_are_checked_before_any_path(k, os_desc, functions, expected):
+    spec = loads_spec(WINDOWS)
+    fs_ = dict(spec.functions)
+    for name, interfaces in functions.items():
+        fs_[name] = replace(fs_[name], os_desc=interfaces)
+    bad = replace(spec, functions=fs_, os_desc=replace(spec.os_desc, **os_desc))
+    with pytest.raises(ValidationError, match=expected.replace("(", r"\(")):
+        apply_spec(bad, k)
+    assert k.ops == []
 
 
 def test_a_rolled_back_unlink_keeps_the_interface_order(fs, disks):

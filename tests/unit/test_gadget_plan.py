@@ -20,9 +20,30 @@ from usbipx.gadget.functions import (
     AttrValue,
     function_type,
 )
+from usbipx.gadget.osdesc import (
+    B_VENDOR_CODE,
+    COMPATIBLE_ID,
+    QW_SIGN_ATTR,
+    SUB_COMPATIBLE_ID,
+    USE,
+    InterfaceOsDesc,
+    OsDescSpec,
+)
 from usbipx.gadget.plan import plan_apply, plan_remove
 from usbipx.gadget.spec import ConfigSpec, FunctionSpec, GadgetSpec, loads_spec
-from usbipx.gadget.steps import TEXT, BindUdc, Link, Mkdir, Rmdir, Step, UnbindUdc, Unlink, Write
+from usbipx.gadget.steps import (
+    TEXT,
+    BindUdc,
+    Link,
+    Mkdir,
+    OsDescLink,
+    OsDescUnlink,
+    Rmdir,
+    Step,
+    UnbindUdc,
+    Unlink,
+    Write,
+)
 
 U0, V0 = "dummy_udc.0", "usbip-vudc.0"
 MS = function_type("mass_storage")
@@ -89,8 +110,11 @@ def live(spec: GadgetSpec, udc: str | None) -> GadgetSpec:
             functions[name] = f
             continue
         luns = {0: {}, **f.luns} if t.lun_attrs else dict(f.luns)
+        # rndis and ncm come with os_desc/interface.<type>, ids empty
+        os_desc = {**{i: InterfaceOsDesc() for i in t.os_desc_interfaces}, **f.os_desc}
         functions[name] = replace(f, attrs=_full(f.attrs, t.attrs),
-                                  luns={n: _full(v, t.lun_attrs) for n, v in sorted(luns.items())})
+                                  luns={n: _full(v, t.lun_attrs) for n, v in sorted(luns.items())},
+                                  os_desc=os_desc)
     configs = tuple(replace(c, attrs=_full(c.attrs, [ca.attr for ca in CONFIG_ATTRS]))
                     for c in spec.configs)
     strings = {lang: {n: t.get(n, "") for n in GADGET_STRINGS} for lang, t in spec.strings.items()}
@@ -235,6 +259,140 @@ def test_a_changed_gadget_moving_to_another_udc_is_unbound_once(disk):
     assert whats(steps) == ["unbind UDC dummy_udc.0", "write idProduct", "bind UDC usbip-vudc.0"]
 
 
+# ---------------------------------------------------------------- Microsoft OS descriptors
+
+WINDOWS = """
+name = "g"
+id_vendor = 0x1d6b
+id_product = 0x0104
+[os_desc]
+b_vendor_code = 0xcd
+[[configs]]
+number = 1
+functions = ["rndis.usb0", "acm.a"]
+[[configs]]
+number = 2
+functions = ["acm.a"]
+[functions."rndis.usb0".os_desc.interface.rndis]
+compatible_id = "RNDIS"
+sub_compatible_id = "5162001"
+[functions."acm.a"]
+"""
+RNDIS_IDS = "functions/rndis.usb0/os_desc/interface.rndis"
+
+
+def windows(**changes: str) -> GadgetSpec:
+    text = WINDOWS
+    for old, new in changes.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    return loads_spec(text)
+
+
+def test_os_desc_is_written_use_last_and_linked_once_its_config_is_complete():
+    steps = plan_apply(windows(), None, U0)
+    assert steps == [
+        Mkdir(""),
+        Write("idVendor", gattr("idVendor"), 0x1D6B),
+        Write("idProduct", gattr("idProduct"), 0x0104),
+        Mkdir("functions/rndis.usb0"),
+        # ids before the function is linked, as every function attribute
+        Write(f"{RNDIS_IDS}/compatible_id", COMPATIBLE_ID, "RNDIS"),
+        Write(f"{RNDIS_IDS}/sub_compatible_id", SUB_COMPATIBLE_ID, "5162001"),
+        Mkdir("functions/acm.a"),
+        Mkdir("configs/c.1"),
+        Mkdir("configs/c.2"),
+        Link("c.1", "rndis.usb0"),
+        Link("c.1", "acm.a"),
+        Link("c.2", "acm.a"),
+        Write("os_desc/b_vendor_code", B_VENDOR_CODE, 0xCD),
+        Write("os_desc/qw_sign", QW_SIGN_ATTR, "MSFT100"),
+        Write("os_desc/use", USE, True),
+        OsDescLink("c.1"),  # the first config, by default
+        BindUdc(U0),
+    ]
+
+
+def test_a_gadget_with_os_desc_as_specified_needs_no_step():
+    spec = windows()
+    assert plan_apply(spec, live(spec, U0), U0) == []
+
+
+def test_a_changed_vendor_code_is_written_while_unbound():
+    """libcomposite reads os_desc/ when the gadget binds: a change needs a rebind."""
+    steps = plan_apply(windows(**{"0xcd": "0x21"}), live(windows(), U0), U0)
+    assert steps == [UnbindUdc(U0), Write("os_desc/b_vendor_code", B_VENDOR_CODE, 0x21, 0xCD),
+                     BindUdc(U0)]
+
+
+def test_moving_os_desc_to_another_config_unlinks_then_links():
+    steps = plan_apply(windows(**{"0xcd\n": "0xcd\nconfig = 2\n"}), live(windows(), U0), U0)
+    assert steps == [UnbindUdc(U0), OsDescUnlink("c.1", "c.1"), OsDescLink("c.2"), BindUdc(U0)]
+
+
+def test_a_config_os_desc_links_is_unlinked_before_it_is_removed():
+    """rmdir of the config os_desc/ links to is EBUSY."""
+    new = windows(**{"0xcd\n": "0xcd\nconfig = 2\n", "number = 1\n": "number = 3\n"})
+    steps = plan_apply(new, live(windows(), U0), U0)
+    assert whats(steps) == [
+        "unbind UDC dummy_udc.0", "unlink os_desc/c.1",
+        "unlink configs/c.1/acm.a", "unlink configs/c.1/rndis.usb0", "rmdir configs/c.1",
+        "mkdir configs/c.3", "link configs/c.3/rndis.usb0", "link configs/c.3/acm.a",
+        "link os_desc/c.2", "bind UDC dummy_udc.0"]
+
+
+def test_a_spec_without_os_desc_turns_it_off_and_unlinks():
+    new = windows(**{"[os_desc]\nb_vendor_code = 0xcd\n": ""})
+    steps = plan_apply(new, live(windows(), U0), U0)
+    # vendor code and signature do nothing without use; they are left as they are
+    assert steps == [UnbindUdc(U0), OsDescUnlink("c.1", "c.1"), Write("os_desc/use", USE, False, True),
+                     BindUdc(U0)]
+    assert plan_apply(new, live(new, U0), U0) == []
+
+
+def test_changed_compatible_ids_are_written_with_the_function_unlinked():
+    new = windows(**{'"RNDIS"': '"WINUSB"', '"5162001"': '""'})
+    steps = plan_apply(new, live(windows(), U0), U0)
+    assert whats(steps) == [
+        "unbind UDC dummy_udc.0", "unlink configs/c.1/acm.a", "unlink configs/c.1/rndis.usb0",
+        f"write {RNDIS_IDS}/compatible_id", f"write {RNDIS_IDS}/sub_compatible_id",
+        "link configs/c.1/rndis.usb0", "link configs/c.1/acm.a", "bind UDC dummy_udc.0"]
+    assert steps[3] == Write(f"{RNDIS_IDS}/compatible_id", COMPATIBLE_ID, "WINUSB", "RNDIS")
+    # an interface the spec leaves out converges to empty ids
+    bare = windows(**{'[functions."rndis.usb0".os_desc.interface.rndis]\ncompatible_id = "RNDIS"\n'
+                      'sub_compatible_id = "5162001"\n': '[functions."rndis.usb0"]\n'})
+    steps = plan_apply(bare, live(windows(), None), None)
+    assert [s for s in steps if isinstance(s, Write)] == [
+        Write(f"{RNDIS_IDS}/compatible_id", COMPATIBLE_ID, "", "RNDIS"),
+        Write(f"{RNDIS_IDS}/sub_compatible_id", SUB_COMPATIBLE_ID, "", "5162001")]
+    assert plan_apply(bare, live(bare, None), None) == []
+
+
+def test_remove_unlinks_os_desc_first_and_can_restore_it():
+    actual = live(windows(), U0)
+    steps = plan_remove(actual)
+    assert whats(steps)[:3] == ["unbind UDC dummy_udc.0", "unlink os_desc/c.1",
+                                "unlink configs/c.1/acm.a"]
+    (gadget,) = [s for s in steps if isinstance(s, Rmdir) and s.path == ""]
+    assert gadget.restore[-3:] == (Write("os_desc/b_vendor_code", B_VENDOR_CODE, 0xCD),
+                                   Write("os_desc/qw_sign", QW_SIGN_ATTR, "MSFT100"),
+                                   Write("os_desc/use", USE, True))
+    assert steps[1].undo() == (OsDescLink("c.1"),)
+
+
+def test_os_desc_linked_by_another_tool_is_unlinked_by_its_name():
+    actual = replace(live(windows(), None),
+                     os_desc=OsDescSpec(use=True, b_vendor_code=1, qw_sign=None, config=1,
+                                        link="c1"))
+    steps = plan_remove(actual)
+    assert steps[0] == OsDescUnlink("c1", "c.1")
+    assert steps[0].undo() == (OsDescLink("c.1", "c1"),)
+    (gadget,) = [s for s in steps if isinstance(s, Rmdir) and s.path == ""]
+    # a signature never written is not written back
+    assert [s.path for s in gadget.restore if isinstance(s, Write)][-2:] == [
+        "os_desc/b_vendor_code", "os_desc/use"]
+
+
 # ---------------------------------------------------------------- remove
 
 def test_remove_tears_down_in_the_kernel_order(disk):
@@ -290,5 +448,7 @@ def test_every_step_knows_its_undo():
     assert Write("idVendor", a, 2).undo() == ()  # in a directory the plan made
     assert Link("c.1", "acm.a").undo() == (Unlink("c.1", "acm.a", "acm.a"),)
     assert Unlink("c.1", "acm.a", "acm.a").undo() == (Link("c.1", "acm.a"),)
+    assert OsDescLink("c.2").undo() == (OsDescUnlink("c.2", "c.2"),)
+    assert OsDescUnlink("c.2", "c.2").undo() == (OsDescLink("c.2"),)
     assert BindUdc(U0).undo() == (UnbindUdc(U0),)
     assert UnbindUdc(U0).undo() == (BindUdc(U0),)

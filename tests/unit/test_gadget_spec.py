@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from usbipx.errors import ConfigError
 from usbipx.gadget import hid
 from usbipx.gadget.dump import dump_spec
+from usbipx.gadget.osdesc import InterfaceOsDesc, OsDescSpec
 from usbipx.gadget.spec import (
     ConfigSpec,
     FunctionSpec,
@@ -200,6 +201,114 @@ def test_invalid_specs_name_the_key_at_fault(disk, text, expected):
     assert expected in message
 
 
+# ---------------------------------------------------------------- Microsoft OS descriptors
+
+OS_DESC = """
+[os_desc]
+use = true
+b_vendor_code = 0xcd
+qw_sign = "MSFT100"
+config = 2
+
+[[configs]]
+number = 1
+functions = ["acm.a"]
+
+[[configs]]
+number = 2
+functions = ["rndis.usb0", "ncm.n"]
+
+[functions."rndis.usb0".os_desc.interface.rndis]
+compatible_id = "RNDIS"
+sub_compatible_id = "5162001"
+
+[functions."ncm.n".os_desc.interface.ncm]
+compatible_id = "WINNCM"
+
+[functions."acm.a"]
+"""
+
+
+def test_os_desc_of_the_gadget_and_of_its_interfaces():
+    spec = spec_of(OS_DESC)
+    assert spec.os_desc == OsDescSpec(use=True, b_vendor_code=0xCD, qw_sign="MSFT100", config=2)
+    assert spec.os_desc_config() is spec.configs[1]
+    assert spec.functions["rndis.usb0"].os_desc == {
+        "rndis": InterfaceOsDesc(compatible_id="RNDIS", sub_compatible_id="5162001")}
+    assert spec.functions["ncm.n"].os_desc == {"ncm": InterfaceOsDesc("WINNCM", "")}
+    assert spec.functions["acm.a"].os_desc == {}
+    assert spec_of("").os_desc is None
+
+
+def test_os_desc_defaults_use_msft100_and_the_first_config():
+    spec = spec_of('[os_desc]\nb_vendor_code = 1\n[[configs]]\nnumber = 5\n[[configs]]\nnumber = 2\n')
+    assert spec.os_desc == OsDescSpec(use=True, b_vendor_code=1, qw_sign="MSFT100", config=5)
+    # switched off, it needs no config and links none unless told
+    assert spec_of("[os_desc]\nuse = false\nb_vendor_code = 1\n").os_desc == OsDescSpec(
+        use=False, b_vendor_code=1, config=None)
+    off = spec_of("[os_desc]\nuse = false\nb_vendor_code = 1\n[[configs]]\nnumber = 5\n")
+    assert off.os_desc is not None and off.os_desc.config is None
+
+
+def test_dump_spec_writes_os_desc_back():
+    spec = spec_of(OS_DESC)
+    text = dump_spec(spec)
+    assert "[os_desc]\nuse = true\nb_vendor_code = 0xcd\nqw_sign = \"MSFT100\"\nconfig = 2\n" in text
+    assert '[functions."rndis.usb0".os_desc.interface.rndis]\ncompatible_id = "RNDIS"\n' in text
+    assert loads_spec(text) == spec
+
+
+CONFIG1 = '[[configs]]\nnumber = 1\nfunctions = ["rndis.r"]\n[functions."rndis.r"]\n'
+RNDIS_IF = '[functions."rndis.r".os_desc.interface.rndis]\n'
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (BASE + "os_desc = 1\n", "os_desc: expected a table"),
+    (BASE + "[os_desc]\nb_vendor_code = 1\nvendor = 2\n" + CONFIG1, "os_desc.vendor: unknown key"),
+    (BASE + "[os_desc]\nuse = true\n" + CONFIG1, "os_desc.b_vendor_code: missing"),
+    (BASE + "[os_desc]\nb_vendor_code = 256\n" + CONFIG1,
+     "os_desc.b_vendor_code: 256 is out of range 0..255"),
+    (BASE + "[os_desc]\nb_vendor_code = 1\nuse = 2\n" + CONFIG1, "os_desc.use: expected true or false"),
+    (BASE + '[os_desc]\nb_vendor_code = 1\nqw_sign = "MSFT10"\n' + CONFIG1,
+     "os_desc.qw_sign: 'MSFT10' is not 7 printable ASCII characters"),
+    (BASE + '[os_desc]\nb_vendor_code = 1\nqw_sign = "MSFT1000"\n' + CONFIG1, "longer than 7 bytes"),
+    (BASE + '[os_desc]\nb_vendor_code = 1\nqw_sign = "MSFT10é"\n' + CONFIG1, "longer than 7 bytes"),
+    (BASE + '[os_desc]\nb_vendor_code = 1\nqw_sign = "MSFT 10"\n' + CONFIG1,
+     "is not 7 printable ASCII"),
+    (BASE + "[os_desc]\nb_vendor_code = 1\nconfig = 2\n" + CONFIG1,
+     "os_desc.config: 2 is not the number of one of the [[configs]] (1)"),
+    (BASE + "[os_desc]\nb_vendor_code = 1\nconfig = true\n" + CONFIG1, "os_desc.config: True is not"),
+    (BASE + "[os_desc]\nb_vendor_code = 1\n", "os_desc: use = true needs a [[configs]]"),
+    (BASE + CONFIG1 + RNDIS_IF + 'compatible_id = "rndis"\n',
+     "functions.\"rndis.r\".os_desc.interface.rndis.compatible_id: 'rndis' is not a compatible id"),
+    (BASE + CONFIG1 + RNDIS_IF + 'compatible_id = "RNDIS6789"\n', "longer than 8 bytes"),
+    (BASE + CONFIG1 + RNDIS_IF + 'sub_compatible_id = "5162 01"\n', "is not a compatible id"),
+    (BASE + CONFIG1 + RNDIS_IF + "compatible_id = 5162001\n", "expected a string"),
+    (BASE + CONFIG1 + RNDIS_IF + 'class_id = "X"\n', "rndis.class_id: unknown key"),
+    (BASE + CONFIG1 + '[functions."rndis.r".os_desc.interface.usb0]\n',
+     "rndis names its interface os_desc/interface.rndis, not interface.usb0"),
+    (BASE + '[functions."acm.a".os_desc.interface.acm]\n',
+     "functions.\"acm.a\".os_desc.interface.acm: acm has no OS descriptor interface"),
+    (BASE + CONFIG1 + '[functions."rndis.r".os_desc]\nrndis = {}\n',
+     "functions.\"rndis.r\".os_desc.rndis: unknown key (known: interface)"),
+    (BASE + CONFIG1 + '[functions."rndis.r".os_desc.interface]\n"a/b" = {}\n',
+     'os_desc.interface."a/b": not an interface name'),
+    (BASE + CONFIG1 + '[functions."rndis.r".os_desc.interface]\n"rndis\\n" = {}\n',
+     'os_desc.interface."rndis\\n": not an interface name'),
+    (BASE + CONFIG1 + '[functions."rndis.r".os_desc]\ninterface = 1\n',
+     "os_desc.interface: expected a table"),
+])
+def test_invalid_os_desc_names_the_key_at_fault(text, expected):
+    message = error_of(text)
+    assert message.startswith("t.toml: ")
+    assert expected in message
+
+
+def test_uncatalogued_functions_may_have_os_desc_interfaces():
+    spec = spec_of('[functions."ffs.adb".os_desc.interface.adb]\ncompatible_id = "WINUSB"\n')
+    assert spec.functions["ffs.adb"].os_desc == {"adb": InterfaceOsDesc("WINUSB")}
+
+
 def test_load_spec_names_the_file(tmp_path):
     p = tmp_path / "bad.toml"
     p.write_text('name = "g"\nid_vendor = 1\nid_product = "x"\n')
@@ -300,10 +409,15 @@ def specs(draw: st.DrawFn) -> GadgetSpec:
                             "ifname": "usb%d"})
     functions["acm." + draw(_word)] = FunctionSpec(name="")
     if draw(st.booleans()):
+        ids = st.text(string.ascii_uppercase + string.digits + "_", max_size=8)
+        functions["rndis." + draw(_word)] = FunctionSpec(
+            name="", os_desc={"rndis": InterfaceOsDesc(draw(ids), draw(ids))})
+    if draw(st.booleans()):
         functions["uac2." + draw(_word)] = FunctionSpec(
             name="", attrs={"c_srate": draw(st.integers(0, 10**6)), "function_name": draw(
                 st.text(string.ascii_letters + " /", min_size=1, max_size=10)).strip() or "x"})
-    functions = {k: FunctionSpec(name=k, attrs=v.attrs, luns=v.luns) for k, v in functions.items()}
+    functions = {k: FunctionSpec(name=k, attrs=v.attrs, luns=v.luns, os_desc=v.os_desc)
+                 for k, v in functions.items()}
     names = list(functions)
     configs = tuple(
         ConfigSpec(number=i + 1, label=draw(st.sampled_from(["c", "b"])),
@@ -315,7 +429,13 @@ def specs(draw: st.DrawFn) -> GadgetSpec:
     strings = {0x409: {"manufacturer": draw(_text), "product": draw(_text)}}
     if draw(st.booleans()):
         strings[0x407] = {"serialnumber": draw(_text)}
+    os_desc = None
+    if configs and draw(st.booleans()):
+        os_desc = OsDescSpec(use=draw(st.booleans()), b_vendor_code=draw(st.integers(0, 255)),
+                             qw_sign=draw(st.from_regex(r"\A[!-~]{7}\Z")),
+                             config=draw(st.sampled_from([c.number for c in configs])))
     return GadgetSpec(
+        os_desc=os_desc,
         name=draw(st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,15}\Z")),
         attrs={"idVendor": draw(st.integers(0, 0xFFFF)), "idProduct": draw(st.integers(0, 0xFFFF)),
                "bDeviceClass": draw(st.integers(0, 255))},
