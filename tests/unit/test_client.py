@@ -498,6 +498,6 @@ def test_the_reply_deadline_counts_from_the_request_not_the_connection() -> None
 
     with LoopbackServer(slow) as srv:
         assert list_remote(R(srv.port, timeout=1.0)) == []
-        with pytest.raises(UsbipError, match="no reply from peer within 0.5 s"):
+        with pytest.raises(UsbipError, match=r"no reply from peer within 0\.5 s"):
             list_remote(Remote(Remote.tcp(HOST, srv.port).endpoint, timeout=1.0,
                                reply_timeout=0.5))
