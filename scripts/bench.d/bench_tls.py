@@ -68,6 +68,7 @@ def bench_tls(result: Callable[[str, str, str], None], rounds: int) -> None:
     cpu: dict[str, list[tuple[float, float]]] = {"tls-relay": [], "wss-relay": []}
     speed: dict[str, list[float]] = {k: [] for k in paths}
     usable: dict[str, list[float]] = {k: [] for k in paths}
+    pss: dict[str, list[float]] = {k: [] for k in cpu}
     try:
         for _ in range(rounds):
             for kind, (port, remote, opts, dopts) in paths.items():  # interleaved
@@ -77,6 +78,8 @@ def bench_tls(result: Callable[[str, str, str], None], rounds: int) -> None:
                 lab.read_block(dev, 4096)
                 usable[kind].append(time.monotonic() - t0)
                 relay = _relay_pid() if kind in cpu else None
+                if relay:
+                    pss[kind].append(_pss_mb(relay))
                 before = (_cpu(relay) if relay else 0.0, _cpu(usbipa.proc.pid))
                 took = _read_all(dev, DISK_MB << 20)
                 speed[kind].append(DISK_MB / took)
@@ -105,11 +108,22 @@ def bench_tls(result: Callable[[str, str, str], None], rounds: int) -> None:
             app_ms = statistics.median(a for _, a in samples) * 1000
             result(f"{kind} CPU per MB board/app side", f"{board_ms:.0f}/{app_ms:.0f} ms",
                    "(reported)")
+        for kind, mbs in pss.items():
+            result(f"{kind} relaying process PSS", f"{statistics.median(mbs):.2f} MB",
+                   "(reported; a plain worker's is above)")
         result("connect-to-usable TLS (ktls)/plain", f"{use['ktls'] / use['tcp']:.2f}x",
                "(reported)")
     finally:
         usbipa.stop()
         lab.reset_usbip()
+
+
+def _pss_mb(pid: int) -> float:
+    """Proportional set size of ``pid`` in MB: what the board pays for that process."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no Pss for {pid}")
 
 
 def _cpu(pid: int) -> float:
