@@ -39,6 +39,37 @@ from labkit import (
 
 DISK_MB = 4
 
+# Rough seconds per module in the lab (TCG), for splitting the tier between
+# parallel VMs (scripts/test runs USBIPX_SHARD=i/n).  Only balance depends on
+# these figures; every test runs in exactly one shard whatever they say.
+MODULE_WEIGHT: dict[str, float] = {}
+DEFAULT_WEIGHT = 60.0
+
+
+def shard_of(modules: dict[str, float], n: int) -> dict[str, int]:
+    """Modules to ``n`` shards, heaviest first onto the lightest shard (LPT)."""
+    load = [0.0] * n
+    out: dict[str, int] = {}
+    for name, weight in sorted(modules.items(), key=lambda kv: (-kv[1], kv[0])):
+        k = load.index(min(load))
+        out[name] = k
+        load[k] += weight
+    return out
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With USBIPX_SHARD=i/n keep only shard i's modules (whole modules, so that
+    module-scoped fixtures are built once)."""
+    spec = os.environ.get("USBIPX_SHARD")
+    if not spec:
+        return
+    i, n = (int(x) for x in spec.split("/"))
+    names = {item.nodeid.split("::")[0] for item in items}
+    shards = shard_of({m: MODULE_WEIGHT.get(m, DEFAULT_WEIGHT) for m in names}, n)
+    keep = [item for item in items if shards[item.nodeid.split("::")[0]] == i]
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = keep
+
 
 @pytest.fixture(scope="session", autouse=True)
 def lab_drivers() -> None:

@@ -368,30 +368,39 @@ def _frame(rng: random.Random) -> bytes:
     return rng.randbytes(rng.randrange(1, 64))  # garbage
 
 
-def test_1000_malformed_upgrades_and_frames(daemons, pki) -> None:
-    port = free_tcp_port()
-    a = daemons("usbipa", "--listen", f"wss://127.0.0.1:{port}{PATH}", "--max-per-address",
-                "256", *creds(pki, "server"), port=port)
-    rng = random.Random(11)
-    before = a.fds()
+def _junk(a_port: int, pki, n: int, rng: random.Random) -> None:
+    """Connection ``n`` of the junk run: a malformed request, or an upgrade followed
+    by a malformed frame.  Every tenth stays to read what the daemon says (an HTTP
+    error, a close frame, or nothing until its deadline); the others hang up at
+    once, as a scanner does."""
     requests = [b"GET / HTTP/1.1\r\n\r\n", b"POST /usbip HTTP/1.1\r\nHost: x\r\n\r\n",
                 b"GET /usbip HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n",
                 b"\x16\x03\x01" + b"A" * 300, b"GET " + b"/" * 9000 + b" HTTP/1.1\r\n\r\n"]
-    for n in range(1000):
-        with contextlib.suppress(OSError, ssl.SSLError):
-            s = _tls(a.port, pki)
-            try:
-                if n % 2:
-                    s.sendall(rng.choice(requests))
-                else:
-                    if b" 101 " not in _upgrade(s):
-                        continue
-                    s.sendall(_frame(rng))
+    with contextlib.suppress(OSError, ssl.SSLError):
+        s = _tls(a_port, pki)
+        try:
+            if n % 2:
+                s.sendall(rng.choice(requests))
+            elif b" 101 " in _upgrade(s):
+                s.sendall(_frame(rng))
+            if n % 10 == 0:
                 s.settimeout(5)
-                with contextlib.suppress(OSError):
-                    s.recv(4096)
-            finally:
-                s.close()
+                s.recv(4096)
+        finally:
+            s.close()
+
+
+def test_1000_malformed_upgrades_and_frames(daemons, pki) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    port = free_tcp_port()
+    a = daemons("usbipa", "--listen", f"wss://127.0.0.1:{port}{PATH}", "--max-per-address",
+                "256", *creds(pki, "server"), port=port)
+    before = a.fds()
+    rngs = [random.Random(n) for n in range(1000)]
+    # Eight at a time, as scanners come: the daemon must keep serving through it.
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda n: _junk(a.port, pki, n, rngs[n]), range(1000)))
     wait_for(lambda: a.fds() <= before, 30, what="the daemon's descriptors back to before")
     res = usbipx("list", "-r", f"wss://localhost:{a.port}{PATH}", *creds(pki, "board-1"),
                  check=False)
