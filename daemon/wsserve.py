@@ -22,7 +22,7 @@ from usbipx.daemon.serving import Peer
 from usbipx.errors import ProtocolError
 from usbipx.log import logger
 from usbipx.protocol import Request, RequestDecoder
-from usbipx.wslink import CHUNK, MAX_MESSAGE
+from usbipx.wslink import CHUNK, MAX_MESSAGE, WS_CLOSE_TIMEOUT
 
 if TYPE_CHECKING:
     from websockets.asyncio.server import Server as WsServer
@@ -56,7 +56,8 @@ class WssListener:
         self._ws = await serve(
             self._connection, sock=self.sock, ssl=server_context(cfg.tls),
             process_request=self._admit, open_timeout=cfg.handshake_timeout,
-            ping_interval=interval, ping_timeout=timeout, max_size=MAX_MESSAGE,
+            ping_interval=interval, ping_timeout=timeout, close_timeout=WS_CLOSE_TIMEOUT,
+            max_size=MAX_MESSAGE,
             compression=None, server_header="usbipx", logger=_QUIET)
 
     async def aclose(self) -> None:

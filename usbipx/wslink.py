@@ -36,6 +36,11 @@ if TYPE_CHECKING:
 MAX_MESSAGE = 1 << 20
 """Largest WebSocket message taken (a relay sends at most 64 KiB at a time)."""
 CHUNK = 65536
+WS_CLOSE_TIMEOUT = 2.0
+"""How long a WebSocket waits for the peer's close frame.  After a failed
+keepalive the path is dead and this wait is pure delay (websockets' default is
+10 s, which would push loss detection past 20 s); a live peer answers in one
+round trip."""
 
 
 @dataclass
@@ -197,7 +202,8 @@ def open_wss(remote: Remote) -> WsLink:
     try:
         ws = connect(uri, ssl=client_context(remote.tls), proxy=remote.proxy or True,
                      open_timeout=remote.timeout, ping_interval=interval,
-                     ping_timeout=timeout, max_size=MAX_MESSAGE, compression=None,
+                     ping_timeout=timeout, close_timeout=WS_CLOSE_TIMEOUT,
+                     max_size=MAX_MESSAGE, compression=None,
                      user_agent_header="usbipx", legacy=True)
     except InvalidProxyStatus as exc:
         raise UsbipError(f"{remote}: the proxy refused the connection (HTTP "

@@ -182,3 +182,14 @@ def _expired(ca: Path, name: str) -> None:
         fh.write(key.private_bytes(serialization.Encoding.PEM,
                                    serialization.PrivateFormat.PKCS8,
                                    serialization.NoEncryption()))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    """A failed kernel test shows the kernel's last words: most lab failures are
+    explained there (a reset device, a refused sockfd), not in the traceback."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.when == "call":
+        dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
+        report.sections.append(("dmesg (last 40 lines)", "\n".join(dmesg.splitlines()[-40:])))
