@@ -114,7 +114,8 @@ class ServerSpec:
         """The :class:`~usbipx.transport.Remote` a worker dials for server ``index``."""
         ep = self.endpoints[index]
         return Remote(ep, self.tls if ep.secure else None, self.keepalive, timeout,
-                      self.data_path, self.proxy if ep.scheme == "wss" else None, self.ping)
+                      data_path=self.data_path,
+                      proxy=self.proxy if ep.scheme == "wss" else None, ping=self.ping)
 
     def url(self, index: int = 0) -> str:
         """What ``supervisor status`` shows as the remote of server ``index``."""

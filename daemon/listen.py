@@ -6,9 +6,8 @@ import errno
 import ipaddress
 import socket
 
-from loguru import logger
-
 from usbipx.errors import UsbipError
+from usbipx.log import logger
 from usbipx.url import Endpoint
 
 

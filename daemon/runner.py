@@ -18,8 +18,6 @@ import contextlib
 import os
 import signal
 
-from loguru import logger
-
 from usbipx.daemon import sdnotify
 from usbipx.daemon.config import SupervisorConfig, load_config
 from usbipx.daemon.control import control_server
@@ -28,6 +26,7 @@ from usbipx.daemon.spawn import ProcessSpawner
 from usbipx.daemon.supervisor import Supervisor, jobs_for
 from usbipx.daemon.worker import clean_leftovers
 from usbipx.errors import UsbipError
+from usbipx.log import logger
 from usbipx.sysfs import Sysfs
 
 TICK = 0.25

@@ -29,11 +29,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from loguru import logger
-
 from usbipx.daemon.listen import Tally, listeners, times
 from usbipx.daemon.serving import Handler, Outcome, Peer, settle
 from usbipx.errors import ConfigError, ProtocolError, UsbipError
+from usbipx.log import logger
 from usbipx.net import DEFAULT_KEEPALIVE, Keepalive, tune_socket
 from usbipx.protocol import Request, RequestDecoder
 from usbipx.tlsconf import TlsFiles

@@ -22,11 +22,10 @@ import signal
 import stat
 from typing import Any
 
-from loguru import logger
-
 from usbipx import log
 from usbipx.daemon.supervisor import Job, Supervisor
 from usbipx.daemon.worker import Worker
+from usbipx.log import logger
 from usbipx.procfs import Proc
 from usbipx.sysfs import Sysfs
 

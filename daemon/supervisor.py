@@ -28,10 +28,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from loguru import logger
-
 from usbipx.daemon.config import ExportSpec, Options, ServerSpec, SupervisorConfig
 from usbipx.daemon.states import WORKER_REPORTS, Event, State, allowed, transition
+from usbipx.log import logger
 
 __all__ = ["STOP_GRACE", "Device", "Job", "Slot", "Spawner", "State", "Supervisor", "jobs_for"]
 

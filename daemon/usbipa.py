@@ -26,11 +26,10 @@ checked before replying, a free port included.
 
 from __future__ import annotations
 
-from loguru import logger
-
 from usbipx.daemon.policy import Policy
 from usbipx.daemon.serving import Outcome, Peer
 from usbipx.errors import ModuleNotLoaded, NoFreePort, UsbipError, ValidationError
+from usbipx.log import logger
 from usbipx.protocol import (
     DevlistReply,
     DevlistRequest,

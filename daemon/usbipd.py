@@ -9,11 +9,10 @@ TLS the reply must go first: see :mod:`usbipx.daemon.serving`).
 
 from __future__ import annotations
 
-from loguru import logger
-
 from usbipx.daemon.serving import Outcome, Peer
 from usbipx.driver import DeviceDriver, ExportStatus
 from usbipx.errors import DeviceNotFound, UsbipError, ValidationError
+from usbipx.log import logger
 from usbipx.protocol import (
     DevlistReply,
     DevlistRequest,

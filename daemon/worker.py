@@ -31,8 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loguru import logger
-
 from usbipx.client import export_prepared, unexport_device
 from usbipx.daemon.supervisor import Job, State
 from usbipx.driver import DeviceDriver, ExportStatus, driver_of_lease
@@ -41,6 +39,7 @@ from usbipx.gadget.live import read_gadget
 from usbipx.gadget.udc import gadget_on_udc
 from usbipx.gadget.vudc import VudcDriver
 from usbipx.lease import Lease
+from usbipx.log import logger
 from usbipx.ownership import Owned, OwnershipStore
 from usbipx.procfs import Proc
 from usbipx.stubmode.host import HostDriver

@@ -18,10 +18,9 @@ import socket
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-from loguru import logger
-
 from usbipx.daemon.serving import Peer
 from usbipx.errors import ProtocolError
+from usbipx.log import logger
 from usbipx.protocol import Request, RequestDecoder
 from usbipx.wslink import CHUNK, MAX_MESSAGE
 

@@ -24,11 +24,10 @@ from __future__ import annotations
 import stat
 from pathlib import PurePosixPath
 
-from loguru import logger
-
 from usbipx.errors import ModuleNotLoaded, ValidationError
 from usbipx.gadget.functions import Attr, AttrValue, decode, encode
 from usbipx.gadget.spec import is_gadget_name, validate_gadget_name
+from usbipx.log import logger
 from usbipx.sysfs import Sysfs
 
 CONFIGFS = "/sys/kernel/config"

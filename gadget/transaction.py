@@ -14,8 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from loguru import logger
-
 from usbipx.errors import DeviceNotFound, UsbipError, describe_errno
 from usbipx.gadget.configfs import Configfs
 from usbipx.gadget.live import read_gadget
@@ -34,6 +32,7 @@ from usbipx.gadget.steps import (
     Write,
 )
 from usbipx.gadget.udc import wait_for_udc
+from usbipx.log import logger
 from usbipx.sysfs import Sysfs
 
 

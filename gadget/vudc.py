@@ -17,8 +17,6 @@ import struct
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from loguru import logger
-
 from usbipx.driver import LocalDevice
 from usbipx.errors import (
     DeviceNotFound,
@@ -29,6 +27,7 @@ from usbipx.errors import (
 )
 from usbipx.hostcommon import ExportingDriver
 from usbipx.lease import VUDC, Lease
+from usbipx.log import logger
 from usbipx.names import VUDC_NAME, is_vudc_busid, validate_busid, vudc_index
 from usbipx.protocol import Speed, UsbDevice
 

@@ -163,7 +163,7 @@ def context(command: Any, name: str, parent: typer.Context | None = None) -> typ
 
 
 def root() -> Node:
-    from usbipx.cli.main import app
+    from usbipx.cli.app import app
 
     command = typer.main.get_command(app)
     return Node(command, context(command, PROG), [PROG])

@@ -19,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import re
 
-from loguru import logger
-
 from usbipx.driver import LocalDevice
 from usbipx.errors import (
     DeviceBusy,
@@ -32,6 +30,7 @@ from usbipx.errors import (
 )
 from usbipx.hostcommon import ExportingDriver
 from usbipx.lease import STUB, Lease
+from usbipx.log import logger
 from usbipx.names import is_usb_busid, is_vudc_busid, validate_busid
 from usbipx.protocol import Speed, UsbDevice, UsbInterface
 

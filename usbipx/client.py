@@ -14,11 +14,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from loguru import logger
-
 from usbipx.driver import DeviceDriver, ExportStatus, LocalDevice
 from usbipx.errors import DeviceBusy, DeviceNotFound, ProtocolError, RemoteError, UsbipError
 from usbipx.lease import Lease
+from usbipx.log import logger
 from usbipx.names import validate_busid
 from usbipx.ownership import Owned, OwnershipStore
 from usbipx.protocol import (

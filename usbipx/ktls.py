@@ -26,9 +26,8 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from loguru import logger
-
 from usbipx.errors import UsbipError, describe_errno
+from usbipx.log import logger
 
 SOL_TLS = 282
 TLS_TX = 1

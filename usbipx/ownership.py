@@ -30,10 +30,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from loguru import logger
-
 from usbipx.errors import UsbipError, ValidationError
 from usbipx.lease import Lease
+from usbipx.log import logger
 from usbipx.procfs import Proc
 
 _KEY = re.compile(r"[A-Za-z0-9._:@-]{1,200}")

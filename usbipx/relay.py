@@ -23,9 +23,8 @@ import socket
 import threading
 from dataclasses import dataclass
 
-from loguru import logger
-
 from usbipx.errors import describe_errno
+from usbipx.log import logger
 from usbipx.tlsengine import TlsClosed, TlsEngine, TlsError
 
 HIGH_WATER = 256 * 1024

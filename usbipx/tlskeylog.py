@@ -35,9 +35,8 @@ import ssl
 import threading
 import weakref
 
-from loguru import logger
-
 from usbipx.ktls import KtlsUnavailable
+from usbipx.log import logger
 
 # Reentrant: a context's finalizer (closing its log) may run from the garbage
 # collector while this thread holds the lock for another context.

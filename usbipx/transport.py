@@ -27,15 +27,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from loguru import logger
-
 from usbipx.errors import ConfigError, ProtocolError, UsbipError
+from usbipx.log import logger
 from usbipx.net import DEFAULT_KEEPALIVE, Keepalive, connect, request
 from usbipx.protocol import Reply, ReplyDecoder, Request
-from usbipx.tlsconf import TlsFiles
 from usbipx.url import Endpoint
 
 if TYPE_CHECKING:
+    from usbipx.tlsconf import TlsFiles
     from usbipx.tlsengine import TlsEngine
     from usbipx.wslink import WsLink
 
@@ -43,6 +42,7 @@ DataPath = Literal["auto", "ktls", "relay"]
 """How TLS data reaches the kernel: kernel TLS where it works (``auto``), or forced."""
 
 Transport = Literal["tcp", "ktls", "tls-relay", "wss-relay"]
+REPLY_TIMEOUT = 30.0
 DEFAULT_PING = (5.0, 10.0)
 """WebSocket ping interval and timeout: a dead path is noticed within 15 s."""
 
@@ -55,7 +55,10 @@ class Remote:
     tls: TlsFiles | None = None
     keepalive: Keepalive = field(default=DEFAULT_KEEPALIVE)
     timeout: float = 10.0
-    """Seconds for the connection, the handshake and the request together."""
+    """Seconds for the connection and the TLS/WebSocket handshake."""
+    reply_timeout: float = REPLY_TIMEOUT
+    """Seconds for the reply, counted from when the request is sent: a peer (or
+    this board) slowed by a busy CPU is slow, not dead."""
     data_path: DataPath = "auto"
     proxy: str | None = None
     """HTTP proxy for ``wss://`` (``http://[USER:PASS@]HOST:PORT``); None: from the
@@ -115,31 +118,26 @@ class KernelPath:
 class Link:
     """One connection to a peer, good for one request and then for the kernel."""
 
-    def __init__(self, remote: Remote, sock: socket.socket, engine: TlsEngine | None = None,
-                 deadline: float | None = None) -> None:
+    def __init__(self, remote: Remote, sock: socket.socket,
+                 engine: TlsEngine | None = None) -> None:
         self.remote = remote
         self.sock = sock
         self.engine = engine
-        self.deadline = deadline if deadline is not None else time.monotonic() + remote.timeout
         self.relayed = False
 
-    def _left(self) -> float:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise UsbipError(f"no reply from {self.remote} within {self.remote.timeout:.0f} s")
-        return left
-
     def request(self, req: Request) -> Reply:
-        """Send ``req`` and read exactly its reply, not one byte (or record) more."""
+        """Send ``req`` and read exactly its reply, not one byte (or record) more, within
+        the remote's reply timeout from now."""
         if self.engine is None:
-            return request(self.sock, req, self._left())
+            return request(self.sock, req, self.remote.reply_timeout)
         from usbipx.tlsengine import TlsError, recv_blocking, send_blocking
 
+        deadline = time.monotonic() + self.remote.reply_timeout
         try:
-            send_blocking(self.sock, self.engine, req.pack(), self.deadline)
+            send_blocking(self.sock, self.engine, req.pack(), deadline)
             dec = ReplyDecoder(req)
             while (rep := dec.next_event()) is None:
-                data = recv_blocking(self.sock, self.engine, self.deadline)
+                data = recv_blocking(self.sock, self.engine, deadline)
                 if data:
                     dec.receive_data(data)
         except TlsError as exc:
@@ -209,7 +207,7 @@ def open_link(remote: Remote) -> Link | WsLink:
     deadline = time.monotonic() + remote.timeout
     sock = connect(remote.host, remote.port, timeout=remote.timeout, keepalive=remote.keepalive)
     if not remote.endpoint.secure:
-        return Link(remote, sock, None, deadline)
+        return Link(remote, sock)
     from usbipx.tlsconf import client_context
     from usbipx.tlsengine import TlsEngine, TlsError, handshake_blocking
 
@@ -224,4 +222,4 @@ def open_link(remote: Remote) -> Link | WsLink:
     except BaseException:
         sock.close()
         raise
-    return Link(remote, sock, engine, deadline)
+    return Link(remote, sock, engine)

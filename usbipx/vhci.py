@@ -19,8 +19,6 @@ import re
 from dataclasses import dataclass
 from enum import IntEnum
 
-from loguru import logger
-
 from usbipx.errors import (
     DeviceNotFound,
     KernelError,
@@ -31,6 +29,7 @@ from usbipx.errors import (
     with_context,
 )
 from usbipx.identity import is_identity
+from usbipx.log import logger
 from usbipx.names import validate_busid
 from usbipx.protocol import Speed, UsbDevice
 from usbipx.sysfs import Sysfs
@@ -152,11 +151,13 @@ class VhciDriver:
                 return p
         raise DeviceNotFound(f"vhci_hcd has no port {port}")
 
-    def free_port(self, speed: Speed, ports: list[VhciPort] | None = None) -> int:
-        """The lowest free port of the hub type ``speed`` needs (in ``ports`` if given)."""
+    def free_port(self, speed: Speed, ports: list[VhciPort] | None = None,
+                  exclude: set[int] | None = None) -> int:
+        """The lowest free port of the hub type ``speed`` needs (in ``ports`` if given),
+        other than those in ``exclude``."""
         hub = hub_for(speed)
         for p in self.ports() if ports is None else ports:
-            if p.hub == hub and p.free:
+            if p.hub == hub and p.free and p.port not in (exclude or ()):
                 return p.port
         raise NoFreePort(f"no free {hub} port on vhci_hcd for a {speed.label} device")
 
@@ -175,10 +176,10 @@ class VhciDriver:
             raise ValidationError(f"{device.busid}: cannot attach a device of {device.speed.label}")
         tried: set[int] = set()
         while True:
-            port = self.free_port(device.speed, ports)
-            ports = None  # after a lost race, read the kernel's state again
-            if port in tried:
-                raise NoFreePort(f"vhci_hcd port {port} stays busy; giving up")
+            # Only a real "no free port" ends this: a port lost to another
+            # process is excluded, and the kernel's state read again.
+            port = self.free_port(device.speed, ports, exclude=tried)
+            ports = None
             tried.add(port)
             try:
                 self.sysfs.write(f"{VHCI0}/attach",

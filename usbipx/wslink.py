@@ -24,9 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from loguru import logger
-
 from usbipx.errors import ProtocolError, UsbipError
+from usbipx.log import logger
 from usbipx.protocol import Reply, ReplyDecoder, Request
 
 if TYPE_CHECKING:
@@ -59,22 +58,21 @@ class WsLink:
         """Send ``req`` as one binary message; read messages until its reply is whole."""
         from websockets.exceptions import ConnectionClosed
 
-        deadline = time.monotonic() + self.remote.timeout
+        deadline = time.monotonic() + self.remote.reply_timeout
         dec = ReplyDecoder(req)
         try:
             self.ws.send(req.pack())
             while (rep := dec.next_event()) is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise UsbipError(f"no reply from {self.remote} within "
-                                     f"{self.remote.timeout:.0f} s")
+                    raise TimeoutError
                 msg = self.ws.recv(timeout=left)
                 if isinstance(msg, str):
                     raise ProtocolError(f"{self.remote} sent a text message")
                 dec.receive_data(msg)
         except TimeoutError:
             raise UsbipError(f"no reply from {self.remote} within "
-                             f"{self.remote.timeout:.0f} s") from None
+                             f"{self.remote.reply_timeout:.0f} s") from None
         except ConnectionClosed as exc:
             raise UsbipError(f"{self.remote} closed the connection ({exc})") from None
         if dec.pending:

@@ -25,8 +25,8 @@ from typer.testing import CliRunner, Result
 
 import usbipx.cli.daemons as cli_daemons
 from usbipx import usbids
+from usbipx.cli.app import app
 from usbipx.cli.common import State
-from usbipx.cli.main import app
 from usbipx.daemon.policy import DeviceRule, Policy
 from usbipx.daemon.usbipa import UsbipaHandler
 from usbipx.daemon.usbipd import UsbipdHandler

@@ -485,3 +485,19 @@ def test_socket_handed_to_the_kernel_is_tuned(kernel: FakeKernel, usbipa) -> Non
     assert seen["timers"] == (6, 2, 5, 7000)
     assert seen["blocking"] is True  # the kernel reads it with blocking calls
     assert kernel.stub_status["1-1"] == 2
+
+
+def test_the_reply_deadline_counts_from_the_request_not_the_connection() -> None:
+    """A slow peer (a busy board or server) is slow, not dead: the connection's timeout
+    does not eat into the time the reply may take."""
+    import time as _time
+
+    def slow(req: p.Request, peer: Peer) -> Outcome:
+        _time.sleep(1.5)  # longer than the connection timeout below
+        return Outcome(p.DevlistReply())
+
+    with LoopbackServer(slow) as srv:
+        assert list_remote(R(srv.port, timeout=1.0)) == []
+        with pytest.raises(UsbipError, match=r"no reply from peer within 0\.5 s"):
+            list_remote(Remote(Remote.tcp(HOST, srv.port).endpoint, timeout=1.0,
+                               reply_timeout=0.5))

@@ -9,8 +9,8 @@ import pytest
 from fakeconfigfs import GADGETS, FakeConfigfs, snapshot
 from typer.testing import CliRunner
 
+from usbipx.cli.app import app
 from usbipx.cli.common import State
-from usbipx.cli.main import app
 from usbipx.sysfs import Sysfs
 
 ROOT = "/fake"

@@ -28,7 +28,7 @@ from typer.testing import CliRunner, Result
 
 import usbipx.cli.pki as cli_pki
 from usbipx import pki
-from usbipx.cli.main import app
+from usbipx.cli.app import app
 from usbipx.errors import ConfigError, PermissionDenied, ValidationError
 from usbipx.identity import peer_identity
 
@@ -546,7 +546,7 @@ def test_cli_defaults_are_the_library_defaults() -> None:
 
 STARTUP = textwrap.dedent("""
     import json, sys
-    from usbipx.cli.main import app
+    from usbipx.cli.app import app
     import usbipx.identity
     try:
         app(sys.argv[1:])

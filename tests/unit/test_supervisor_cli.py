@@ -23,7 +23,7 @@ from supervisor_helpers import FakeClock, FakeSpawner, busid, config, gadget
 from typer.testing import CliRunner, Result
 
 import usbipx.daemon.runner as runner
-from usbipx.cli.main import app
+from usbipx.cli.app import app
 from usbipx.daemon.control import control_server, query_status
 from usbipx.daemon.supervisor import Supervisor
 from usbipx.errors import UsbipError
@@ -239,7 +239,7 @@ def test_something_else_on_the_socket_path(sock_dir: str) -> None:
 
 STATUS_IMPORTS = textwrap.dedent("""
     import json, sys
-    from usbipx.cli.main import app
+    from usbipx.cli.app import app
     try:
         app(["supervisor", "status", "-s", sys.argv[1]])
     except SystemExit as exc:

@@ -13,8 +13,8 @@ import pytest
 from fakeconfigfs import GADGETS, FakeConfigfs
 from typer.testing import CliRunner
 
+from usbipx.cli.app import app
 from usbipx.cli.common import State
-from usbipx.cli.main import app
 
 UNITS = Path(__file__).resolve().parents[2] / "daemon" / "systemd"
 
