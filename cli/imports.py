@@ -110,8 +110,8 @@ def _remote_busid(source: Remote, dev_id: str) -> str:
     from usbipx.deviceid import parse_device_id, select_remote
 
     want = parse_device_id(dev_id)
-    if want.serial is not None:  # refused before asking the peer
-        select_remote(want, [])
+    if want.serial is not None:  # refused before asking the peer: select_remote says why
+        return select_remote(want, [])
     return select_remote(want, [(e.device.busid, e.device.id_vendor, e.device.id_product)
                                 for e in list_remote(source)])
 

@@ -115,8 +115,11 @@ def detach_port(port: int, vhci: VhciDriver) -> bool:
         return False
     try:
         vhci.detach(port)
-    except DeviceNotFound:
-        if vhci.port(port).free:  # the link died just now: freed all the same
+    except UsbipError:
+        # The link died just now (the kernel answers EINVAL for a free port): freed
+        # all the same.
+        if vhci.port(port).free:
+            vhci.remove_record(port)
             return False
         raise
     return True

@@ -96,8 +96,9 @@ def select_device(want: DeviceId, devices: Sequence[LocalDevice]) -> LocalDevice
     if len(found) == 1:
         return found[0]
     if not found:
+        # Named by serial: the devices of that product, so the user sees the serials.
         same = [d for d in devices if want.serial is not None
-                and want.matches(d.record.id_vendor, d.record.id_product)]
+                and (d.record.id_vendor, d.record.id_product) == (want.vendor, want.product)]
         hint = f" (devices {want.vendor:04x}:{want.product:04x} here: {describe(same)})" \
             if same else ""
         raise DeviceNotFound(f"no device matches --id {want}{hint}")
