@@ -54,7 +54,7 @@ async def run(config_path: str, sysfs: Sysfs | None = None) -> None:
             logger.info("cleaned up {} left by a previous supervisor", key)
         _handle_signals(loop, sup, config_path)
         try:
-            hotplug = Hotplug(sup.on_device)
+            hotplug = Hotplug(sup.on_device, sysfs=sysfs)
             loop.add_reader(hotplug.fileno(), hotplug.readable)
         except Exception as exc:  # no libudev: vendor/product exports see only present devices
             logger.warning("no hotplug events ({}); devices plugged in later are not seen", exc)

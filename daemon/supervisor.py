@@ -61,6 +61,8 @@ class Device:
     busid: str
     vendor: int
     product: int
+    serial: str | None = None
+    """Its serial number string (sysfs ``serial``), None if it has none."""
 
 
 class Spawner(Protocol):
@@ -103,7 +105,7 @@ def jobs_for(config: SupervisorConfig, devices: Iterable[Device]) -> dict[str, J
     for spec in config.exports:
         if spec.kind == "match":
             for d in devices:
-                if spec.matches(d.vendor, d.product) and d.busid not in claimed:
+                if spec.matches(d.vendor, d.product, d.serial) and d.busid not in claimed:
                     claimed.add(d.busid)
                     key = f"{spec.key}@{d.busid}"
                     jobs[key] = Job(key, spec, d.busid, config.server, config.options)
