@@ -368,3 +368,33 @@ def test_relayed_bytes_are_counted_each_way(pki: Any) -> None:
     pk_end.close()
     assert value(m, "usbipx_relay_bytes_total", direction="to_network") == 5000
     assert value(m, "usbipx_relay_bytes_total", direction="to_kernel") == 3000
+
+
+@pytest.mark.scenario("host_unbound", "vhci_free")
+@pytest.mark.parametrize(
+    "fs", [[["usbipx.tlskeylog", "usbipx.tlsengine", "usbipx.relay", "usbipx.wslink",
+             "usbipx.daemon.wsserve", "websockets"]]], indirect=True)
+def test_wss_handshakes_are_timed(kernel: FakeKernel, fs: Any, pki: Any,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from usbipx.url import Endpoint
+
+    for var in ("https_proxy", "HTTPS_PROXY", "wss_proxy", "WSS_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    fs.add_real_directory(str(pki.root))
+    m = Metrics()
+    srv = LoopbackServer(UsbipaHandler(VhciDriver(kernel.sysfs), None, m), "wss",
+                         listen=(Endpoint("wss", HOST, 0, "/usbip"),), tls=pki.files("server"))
+    srv.server.metrics = m
+    with srv:
+        remote = Remote(Endpoint("wss", HOST, srv.port, "/usbip"), pki.files("board"),
+                        timeout=5)
+        export_device(remote, "1-1", HostDriver(kernel.sysfs))
+        assert value(m, "usbipx_handshake_seconds_count", transport="wss") == 1
+        assert value(m, "usbipx_exports_active", peer="board") == 1
+        unexport_device(remote, "1-1", HostDriver(kernel.sysfs))
+        assert value(m, "usbipx_handshake_seconds_count", transport="wss") == 2
+        assert value(m, "usbipx_exports_active", peer="board") is None
+        with pytest.raises(UsbipError, match="404"):  # the wrong path: refused at once
+            export_device(Remote(Endpoint("wss", HOST, srv.port, "/other"),
+                                 pki.files("board"), timeout=5), "2-1", HostDriver(kernel.sysfs))
+        assert value(m, "usbipx_refusals_total", reason="bad_request") == 1
