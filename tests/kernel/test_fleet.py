@@ -3,8 +3,9 @@ Prometheus metrics of a usbipa moving with what the tests do.
 
 One set of gadgets and one usbipa serve the whole module (the kernel tier's time is
 short): two identical-product gadgets (1d6b:0104) told apart only by their serial
-numbers, on usbip-vudc.0 and usbip-vudc.1, and a third (1d6b:0105) the usbipa's policy
-refuses, on usbip-vudc.2.  Each test leaves every vhci port free again.
+numbers, on usbip-vudc.0 and usbip-vudc.1, a third (1d6b:0105) the usbipa's policy
+refuses, on usbip-vudc.2, and a fourth (1d6b:0106) whose serial number the policy
+refuses, on usbip-vudc.3.  Each test leaves every vhci port free again.
 """
 
 from __future__ import annotations
@@ -28,9 +29,25 @@ from labkit import (
 )
 
 GADGETS = {"usbip-vudc.0": ("fleetA", 0x0104), "usbip-vudc.1": ("fleetB", 0x0104),
-           "usbip-vudc.2": ("fleetC", 0x0105)}
+           "usbip-vudc.2": ("fleetC", 0x0105), "usbip-vudc.3": ("fleetD", 0x0106)}
 """vUDC -> (gadget name, which is also its serial number; product id)."""
-POLICY = '[[rule]]\naction = "deny"\nvendor = 0x1d6b\nproduct = 0x0105\n'
+POLICY = """
+[[rule]]
+action = "deny"
+vendor = 0x1d6b
+product = 0x0105
+
+[[rule]]                    # 0106 only with another serial number than fleetD's
+action = "allow"
+vendor = 0x1d6b
+product = 0x0106
+serial = "not-fleetD"
+
+[[rule]]
+action = "deny"
+vendor = 0x1d6b
+product = 0x0106
+"""
 
 
 @pytest.fixture(autouse=True)
@@ -152,7 +169,24 @@ def test_a_scrape_shows_three_exports_and_one_refusal(fleet: Fleet) -> None:
     assert fleet.scrape().get(ACTIVE, 0.0) == 0
     assert delta(ATTACHES) == 3
     assert delta(REFUSED) == 1
-    refusals = {k for k in fleet.scrape() if k.startswith("usbipx_refusals_total{")}
+    refusals = {k for k in fleet.scrape() if k.startswith("usbipx_refusals_total{")
+                and delta(k)}
     assert refusals == {REFUSED}, refusals  # nothing else was refused
     assert delta("usbipx_link_losses_total") == 0  # every export was withdrawn
     wait_for(lambda: vhci_used_ports() == [], 15, 0.05, "the ports to be free")
+
+
+def test_a_serial_the_policy_refuses_is_detached_after_the_attach(fleet: Fleet) -> None:
+    """The export record has no serial number: usbipa attaches, reads the serial of the
+    device that enumerated on the vhci port, and detaches it again."""
+    SERIAL = 'usbipx_refusals_total{reason="serial"}'
+    before = fleet.scrape()
+    fleet.usbipx("connect", "-r", "127.0.0.1", "-d", "-b", "usbip-vudc.3")
+    wait_for(lambda: fleet.scrape().get(SERIAL, 0.0) - before.get(SERIAL, 0.0) == 1, 15, 0.1,
+             "the serial refusal")
+    wait_for(lambda: vhci_used_ports() == [], 15, 0.05, "usbipa to detach the port")
+    assert ("from 127.0.0.1: serial: serial number 'fleetD': denied by rule 'deny vendor "
+            "1d6b product 0106'; detaching vhci port") in fleet.usbipa.output()
+    after = fleet.scrape()
+    assert after["usbipx_attaches_total"] - before["usbipx_attaches_total"] == 1
+    assert after.get('usbipx_exports_active{peer="127.0.0.1"}', 0.0) == 0
