@@ -89,7 +89,7 @@ app = typer.Typer(
     cls=LazyGroup,
     help="USB/IP tools: import and export USB devices over TCP, provision usbip-vudc gadgets.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     # Plain click help: rendering it with rich costs more than the command.
     rich_markup_mode=None,

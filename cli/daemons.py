@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Iterator
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import typer
 from loguru import logger
@@ -38,6 +38,9 @@ from usbipx.daemon.server import Server, ServerConfig
 from usbipx.errors import UsbipError
 from usbipx.net import Keepalive
 from usbipx.url import parse_endpoint
+
+if TYPE_CHECKING:
+    from usbipx.metrics import Metrics
 
 
 def _open_pid_file(path: str) -> int:
@@ -102,11 +105,17 @@ def _pid_file(fd: int | None, path: str | None) -> Iterator[None]:
 
 def run_server(st: State, server: Server, detach: bool, pidfile: str | None,
                log_file: str | None) -> None:
-    """Bind and open the files (errors reach the terminal), then detach if asked, then serve."""
+    """Bind and open the files (errors reach the terminal), then detach if asked, then serve.
+
+    The server's metrics, if any, are served at their address; a detached daemon
+    serves them from its final process (threads do not survive the forks), but
+    whether the address can be had is checked before detaching all the same.
+    """
     log.configure(st.debug, level="INFO")
     # daemonizing changes to /: relative paths mean the caller's directory.
     pid_path = os.path.abspath(pidfile) if pidfile else None
     log_path = os.path.abspath(log_file) if log_file else None
+    metrics = server.metrics
     server.open()
     pid_fd: int | None = None
     try:
@@ -115,6 +124,13 @@ def run_server(st: State, server: Server, detach: bool, pidfile: str | None,
         if log_path:
             logger.add(_open_log_file(log_path), level="DEBUG" if st.debug else "INFO",
                        colorize=False)
+        if metrics is not None and metrics.address is not None:
+            if detach:
+                from usbipx.metrics import check_address
+
+                check_address(metrics.address)
+            else:
+                metrics.serve()
     except UsbipError:
         server.close()
         if pid_path and pid_fd is not None:  # created just now: nothing half-done
@@ -122,8 +138,25 @@ def run_server(st: State, server: Server, detach: bool, pidfile: str | None,
             os.unlink(pid_path)
         raise
     ready = _detach() if detach else None
+    if detach and metrics is not None and metrics.address is not None:
+        metrics.serve()
     with _pid_file(pid_fd, pid_path):
         asyncio.run(server.run(None if ready is None else lambda _: ready()))
+
+
+METRICS = typer.Option(
+    None, "--metrics", metavar="ADDR:PORT",
+    help="Serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. 127.0.0.1:9240); "
+         "off by default.")
+
+
+def metrics_of(text: str | None) -> Metrics | None:
+    """The --metrics option: the metrics to serve there, or None."""
+    if text is None:
+        return None
+    from usbipx.metrics import Metrics, parse_address
+
+    return Metrics(parse_address(text))  # a bad value is an error before anything starts
 
 
 def _config(st: State, ipv4: bool, ipv6: bool, tcp_port: int | None, keepalive: Keepalive,
@@ -179,17 +212,20 @@ def usbipd(
     key: str | None = KEY,
     ca: str | None = CA,
     tls_data: str = TLS_DATA,
+    metrics_opt: str | None = METRICS,
 ) -> None:
     """Device-side daemon: serve this host's devices to `attach` (DEVLIST, IMPORT)."""
     from usbipx.daemon.usbipd import UsbipdHandler
     from usbipx.driver import device_driver
 
     st = state(ctx)
+    metrics = metrics_of(metrics_opt)
     driver = device_driver(st.kernel(), vudc=device)
     driver.check_loaded()
     cfg = _config(st, ipv4, ipv6, tcp_port, keepalive(keepalive_opt), address,
                   max_connections, max_per_address, listen, cert, key, ca, tls_data)
-    run_server(st, Server("usbipd", UsbipdHandler(driver), cfg), detach, pidfile, log_file)
+    server = Server("usbipd", UsbipdHandler(driver, metrics), cfg, metrics=metrics)
+    run_server(st, server, detach, pidfile, log_file)
 
 
 @handle_errors
@@ -222,6 +258,7 @@ def usbipa(
     key: str | None = KEY,
     ca: str | None = CA,
     tls_data: str = TLS_DATA,
+    metrics_opt: str | None = METRICS,
 ) -> None:
     """Application-side daemon: attach devices that device sides export (EXPORT, UNEXPORT)."""
     from usbipx.daemon.policy import Policy, load_policy
@@ -229,6 +266,7 @@ def usbipa(
     from usbipx.vhci import VhciDriver
 
     st = state(ctx)
+    metrics = metrics_of(metrics_opt)
     policy = load_policy(policy_file) if policy_file else Policy()
     policy = policy.with_networks(allow or [])
     if max_per_peer is not None:
@@ -239,6 +277,6 @@ def usbipa(
                   max_connections, max_per_address, listen, cert, key, ca, tls_data)
     # The peer policy is applied at accept too (a refused address takes no
     # slot), and to a TLS peer's identity right after the handshake.
-    server = Server("usbipa", UsbipaHandler(vhci, policy), cfg, policy.refuse_peer,
-                    policy.refuse_identity)
+    server = Server("usbipa", UsbipaHandler(vhci, policy, metrics), cfg, policy.refuse_peer,
+                    policy.refuse_identity, metrics)
     run_server(st, server, detach, pidfile, log_file)

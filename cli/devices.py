@@ -40,6 +40,7 @@ def device_json(dev: UsbDevice, interfaces: tuple[Any, ...] = ()) -> dict[str, A
 
 def local_json(d: LocalDevice) -> dict[str, Any]:
     out = device_json(d.record, d.interfaces)
+    out["serial"] = d.serial
     out["driver"] = d.driver
     out["status"] = d.status.name.lower() if d.status else None
     return out
@@ -53,6 +54,10 @@ def _print_local(devs: list[LocalDevice], parsable: bool) -> None:
             continue
         typer.echo(f" - busid {r.busid} ({r.id_vendor:04x}:{r.id_product:04x})")
         typer.echo(f"   {usbids.describe(r.id_vendor, r.id_product)}")
+        if d.serial is not None:
+            from usbipx.deviceid import shown_serial
+
+            typer.echo(f"   serial {shown_serial(d.serial)}")
         typer.echo("")
 
 
@@ -142,15 +147,23 @@ def list_cmd(
     else:
         _print_local(local_devs, parsable)
 
+ID_HELP = ("The device by identity instead: VID:PID or VID:PID:SERIAL (hex ids; an error "
+           "lists the candidates if several match).")
+
+
 @handle_errors
 def bind(
     ctx: typer.Context,
-    busid: str = typer.Option(..., "--busid", "-b", help="Bus id of the device, e.g. 1-1."),
+    busid_opt: str | None = typer.Option(None, "--busid", "-b",
+                                         help="Bus id of the device, e.g. 1-1."),
+    dev_id: str | None = typer.Option(None, "--id", metavar="VID:PID[:SERIAL]", help=ID_HELP),
 ) -> None:
     """Bind a local USB device to usbip-host so it can be exported."""
+    from usbipx.deviceid import busid_for
     from usbipx.stubmode.host import HostDriver
 
     st = state(ctx)
+    busid = busid_for(st.kernel(), busid_opt, dev_id)
     lease = HostDriver(st.kernel()).bind(busid)
     if st.json:
         emit_json({"busid": busid, "driver": "usbip-host",
@@ -161,12 +174,16 @@ def bind(
 @handle_errors
 def unbind(
     ctx: typer.Context,
-    busid: str = typer.Option(..., "--busid", "-b", help="Bus id of the device, e.g. 1-1."),
+    busid_opt: str | None = typer.Option(None, "--busid", "-b",
+                                         help="Bus id of the device, e.g. 1-1."),
+    dev_id: str | None = typer.Option(None, "--id", metavar="VID:PID[:SERIAL]", help=ID_HELP),
 ) -> None:
     """Give a device bound to usbip-host back to its original driver."""
+    from usbipx.deviceid import busid_for
     from usbipx.stubmode.host import HostDriver
 
     st = state(ctx)
+    busid = busid_for(st.kernel(), busid_opt, dev_id)
     now = HostDriver(st.kernel()).unbind(busid)
     if st.json:
         emit_json({"busid": busid, "driver": now})

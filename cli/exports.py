@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from usbipx.transport import Relayer
 
 
+ID_HELP = ("The device by identity instead of -b: VID:PID or VID:PID:SERIAL (with -d: the "
+           "gadget's ids and serialnumber).")
+
+
 def _mode(busid: str, device: bool) -> bool:
     """vUDC mode if asked (-d), or if the bus id plainly names a vUDC."""
     return device or is_vudc_busid(busid)
@@ -37,8 +41,9 @@ def connect(
     ctx: typer.Context,
     remote: str = typer.Option(..., "--remote", "-r", metavar="URL",
                                help="The usbipa: " + REMOTE_HELP),
-    busid: str = typer.Option(..., "--busid", "-b",
-                              help="Bus id (1-1) or, with -d, vUDC (usbip-vudc.0)."),
+    busid_opt: str | None = typer.Option(None, "--busid", "-b",
+                                         help="Bus id (1-1) or, with -d, vUDC (usbip-vudc.0)."),
+    dev_id: str | None = typer.Option(None, "--id", metavar="VID:PID[:SERIAL]", help=ID_HELP),
     device: bool = typer.Option(False, "--device", "-d",
                                 help="vUDC mode: export the gadget bound to a usbip-vudc."),
     keepalive_opt: str | None = typer.Option(None, "--keepalive", help=KEEPALIVE_HELP),
@@ -53,8 +58,10 @@ def connect(
     Over TLS without kernel TLS, a relay keeps running in the background until
     the export ends (``disconnect``, or the link dies)."""
     from usbipx.client import export_device, export_records
+    from usbipx.deviceid import busid_for
 
     st = state(ctx)
+    busid = busid_for(st.kernel(), busid_opt, dev_id, vudc=device)
     target = remote_of(st, remote, cert, key, ca, keepalive_opt, tls_data, proxy)
     driver = device_driver(st.kernel(), vudc=_mode(busid, device))
     store = export_records(st.kernel())
@@ -91,8 +98,9 @@ def disconnect(
     ctx: typer.Context,
     remote: str = typer.Option(..., "--remote", "-r", metavar="URL",
                                help="The usbipa: " + REMOTE_HELP),
-    busid: str = typer.Option(..., "--busid", "-b",
-                              help="Bus id (1-1) or, with -d, vUDC (usbip-vudc.0)."),
+    busid_opt: str | None = typer.Option(None, "--busid", "-b",
+                                         help="Bus id (1-1) or, with -d, vUDC (usbip-vudc.0)."),
+    dev_id: str | None = typer.Option(None, "--id", metavar="VID:PID[:SERIAL]", help=ID_HELP),
     device: bool = typer.Option(False, "--device", "-d", help="vUDC mode."),
     force: bool = typer.Option(False, "--force",
                                help="Withdraw the device locally even if usbipa fails."),
@@ -103,8 +111,10 @@ def disconnect(
 ) -> None:
     """Withdraw an exported device from a usbipa (OP_REQ_UNEXPORT)."""
     from usbipx.client import export_records, withdraw
+    from usbipx.deviceid import busid_for
 
     st = state(ctx)
+    busid = busid_for(st.kernel(), busid_opt, dev_id, vudc=device)
     target = remote_of(st, remote, cert, key, ca, proxy=proxy)
     driver = device_driver(st.kernel(), vudc=_mode(busid, device))
     withdraw(target, busid, driver, export_records(st.kernel()), force)

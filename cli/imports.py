@@ -24,7 +24,7 @@ from usbipx.sysfs import Sysfs
 from usbipx.vhci import ImportedDevice, VhciDriver
 
 if TYPE_CHECKING:
-    from usbipx.transport import Relayer
+    from usbipx.transport import Relayer, Remote
 
 
 def _local_names(sysfs: Sysfs, busid: str) -> tuple[int, int] | None:
@@ -63,6 +63,10 @@ def attach(
                                      help="Bus id of the remote device."),
     device: str | None = typer.Option(None, "--device", "-d", metavar="VUDC",
                                help="Remote vUDC to attach, e.g. usbip-vudc.0."),
+    dev_id: str | None = typer.Option(
+        None, "--id", metavar="VID:PID",
+        help="The remote device by vendor:product (hex), matched in the usbipd's device "
+             "list; that list carries no serial numbers, so VID:PID only."),
     cert: str | None = CERT,
     key: str | None = KEY,
     ca: str | None = CA,
@@ -72,11 +76,12 @@ def attach(
     """Import a device from a usbipd into this host's vhci_hcd."""
     from usbipx.client import attach_remote
 
-    target = busid or device
-    if target is None or (busid is not None and device is not None):
-        raise UsbipError("give exactly one of --busid BUSID or --device VUDC")
+    given = [x for x in (busid, device, dev_id) if x is not None]
+    if len(given) != 1:
+        raise UsbipError("give exactly one of --busid BUSID, --device VUDC or --id VID:PID")
     st = state(ctx)
     source = remote_of(st, remote, cert, key, ca, tls_data=tls_data, proxy=proxy)
+    target = given[0] if dev_id is None else _remote_busid(source, dev_id)
     vhci = VhciDriver(st.kernel())
 
     def attach() -> tuple[dict[str, Any], Relayer | None, None]:
@@ -99,6 +104,18 @@ def attach(
                    f"{result['port']}" + ("" if transport == "tcp" else f" ({transport})"))
 
 
+def _remote_busid(source: Remote, dev_id: str) -> str:
+    """The bus id of the one device of the usbipd's list that ``--id`` names."""
+    from usbipx.client import list_remote
+    from usbipx.deviceid import parse_device_id, select_remote
+
+    want = parse_device_id(dev_id)
+    if want.serial is not None:  # refused before asking the peer: select_remote says why
+        return select_remote(want, [])
+    return select_remote(want, [(e.device.busid, e.device.id_vendor, e.device.id_product)
+                                for e in list_remote(source)])
+
+
 @handle_errors
 def detach(
     ctx: typer.Context,
@@ -108,11 +125,13 @@ def detach(
     from usbipx.client import detach_port
 
     st = state(ctx)
-    detach_port(port, VhciDriver(st.kernel()))
+    done = detach_port(port, VhciDriver(st.kernel()))
     if st.json:
-        emit_json({"port": port, "detached": True})
+        emit_json({"port": port, "detached": True, "was_attached": done})
     else:
-        typer.echo(f"port {port} is now detached")
+        # As Debian's usbip: a free port is "already detached", and no error.
+        typer.echo(f"port {port} is now detached" if done
+                   else f"port {port} is already detached")
 
 @handle_errors
 def port(

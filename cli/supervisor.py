@@ -19,6 +19,10 @@ def run_cmd(
     ctx: typer.Context,
     config: str = typer.Option(..., "--config", "-c", metavar="FILE",
                                help="Supervisor configuration (TOML)."),
+    metrics_opt: str | None = typer.Option(
+        None, "--metrics", metavar="ADDR:PORT",
+        help="Serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. 127.0.0.1:9241); "
+             "off by default."),
 ) -> None:
     """Run in the foreground (for systemd: Type=notify) until SIGTERM; SIGHUP reloads."""
     import asyncio
@@ -30,13 +34,18 @@ def run_cmd(
     from usbipx.daemon.runner import run
 
     st = state(ctx)
+    metrics = None
+    if metrics_opt is not None:
+        from usbipx.metrics import Metrics, parse_address
+
+        metrics = Metrics(parse_address(metrics_opt))
     load_config(config)  # a bad file is an error here, before anything starts
     log.configure_supervisor(st.debug, LOG_FORMAT)
     logger.configure(extra={"export": "supervisor", "worker": ""})
     logger.configure(patcher=lambda r: r["extra"].update(
         worker=f" {r['extra']['worker']}" if r["extra"].get("worker") else "",
         export=r["extra"].get("export", "supervisor")))
-    asyncio.run(run(config, st.kernel()))
+    asyncio.run(run(config, st.kernel(), metrics))
 
 
 @app.command("status")

@@ -23,6 +23,8 @@
     [[export]]                     # ... or every device matching ids, as it is plugged in
     vendor = 0x0403
     product = 0x6001               # optional
+    # serial = "A1B2C3"            # optional: only the device with this serial number
+                                   #   (sysfs serial); list it before an entry without one
 
     [[export]]                     # vUDC mode: provision this gadget on a free usbip-vudc.N
     gadget = "gadgets/disk.toml"   # relative to this file
@@ -58,11 +60,13 @@ restart_window     1       86400      a day of crash history
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from usbipx.deviceid import MAX_SERIAL, is_serial
 from usbipx.errors import ConfigError, UsbipError, ValidationError
 from usbipx.gadget.spec import GadgetSpec, load_spec
 from usbipx.names import is_vudc_busid, validate_busid
@@ -133,6 +137,8 @@ class ExportSpec:
     gadget: GadgetSpec | None = None
     gadget_path: str | None = None
     udc: str | None = None
+    serial: str | None = None
+    """For ``match`` entries: only the device with this serial number."""
 
     @property
     def key(self) -> str:
@@ -141,14 +147,28 @@ class ExportSpec:
             return f"busid:{self.busid}"
         if self.kind == "match":
             product = "*" if self.product is None else f"{self.product:04x}"
-            return f"match:{self.vendor:04x}:{product}"
+            key = f"match:{self.vendor:04x}:{product}"
+            return key if self.serial is None else f"{key}:{_key_part(self.serial)}"
         assert self.gadget is not None
         return f"gadget:{self.gadget.name}"
 
-    def matches(self, vendor: int, product: int) -> bool:
-        """For ``match`` entries: whether a device with these ids is one of ours."""
+    def matches(self, vendor: int, product: int, serial: str | None = None) -> bool:
+        """For ``match`` entries: whether a device with these ids (and serial number) is
+        one of ours."""
         return (self.kind == "match" and vendor == self.vendor
-                and (self.product is None or product == self.product))
+                and (self.product is None or product == self.product)
+                and (self.serial is None or serial == self.serial))
+
+
+_PLAIN_SERIAL = re.compile(r"[A-Za-z0-9._-]{1,126}")
+
+
+def _key_part(serial: str) -> str:
+    """A serial number as part of an export key, which names the worker's ownership
+    record (:mod:`usbipx.ownership`): as it is if it is plain, else a digest of it."""
+    if _PLAIN_SERIAL.fullmatch(serial):
+        return serial
+    return "sha256-" + hashlib.sha256(serial.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -276,9 +296,10 @@ def _export(data: Any, n: int, base: Path, src: str) -> ExportSpec:
     where = f"{src}: export {n}"
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: must be a table ([[export]])")
-    _unknown(data, {"busid", "vendor", "product", "gadget", "udc"}, where)
-    if "product" in data and "vendor" not in data:
-        raise ConfigError(f"{where}: product needs vendor")
+    _unknown(data, {"busid", "vendor", "product", "serial", "gadget", "udc"}, where)
+    for key in ("product", "serial"):
+        if key in data and "vendor" not in data:
+            raise ConfigError(f"{where}: {key} needs vendor")
     kinds = [k for k in ("busid", "vendor", "gadget") if k in data]
     if len(kinds) != 1:
         raise ConfigError(f"{where}: give exactly one of busid, vendor (+product) or gadget")
@@ -299,7 +320,11 @@ def _export(data: Any, n: int, base: Path, src: str) -> ExportSpec:
         vendor = toml_int(data["vendor"], f"{where}: vendor", 0, 0xFFFF)
         product = (toml_int(data["product"], f"{where}: product", 0, 0xFFFF)
                    if "product" in data else None)
-        return ExportSpec("match", vendor=vendor, product=product)
+        serial = data.get("serial")
+        if serial is not None and (not isinstance(serial, str) or not is_serial(serial)):
+            raise ConfigError(f"{where}: serial must be 1 to {MAX_SERIAL} printable characters "
+                              "without spaces")
+        return ExportSpec("match", vendor=vendor, product=product, serial=serial)
     raw = data["gadget"]
     if not isinstance(raw, str) or not raw:
         raise ConfigError(f"{where}: gadget must be the path of a gadget spec")

@@ -7,10 +7,12 @@ not an interface ``1-1:1.0``) that is not itself imported through vhci_hcd.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
 from usbipx.daemon.supervisor import Device
+from usbipx.errors import UsbipError
 from usbipx.names import is_usb_busid
 from usbipx.stubmode.host import HostDriver
 from usbipx.sysfs import Sysfs
@@ -21,7 +23,7 @@ def present_devices(sysfs: Sysfs) -> list[Device]:
     out = []
     for d in HostDriver(sysfs).list_devices():  # root hubs and interfaces left out
         if not is_imported(d.record.path):
-            out.append(Device(d.busid, d.record.id_vendor, d.record.id_product))
+            out.append(Device(d.busid, d.record.id_vendor, d.record.id_product, d.serial))
     return out
 
 
@@ -41,13 +43,16 @@ class Hotplug:
     needed).
     """
 
-    def __init__(self, on_device: Callable[[str, Device], None], monitor: Any = None) -> None:
+    def __init__(self, on_device: Callable[[str, Device], None], monitor: Any = None,
+                 sysfs: Sysfs | None = None) -> None:
         if monitor is None:
             import pyudev
 
             monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="kernel")
         self.on_device = on_device
         self.monitor = monitor
+        self.sysfs = sysfs or Sysfs()
+        """Where an added device's serial number is read: kernel uevents carry none."""
         self.monitor.start()
 
     def fileno(self) -> int:
@@ -69,4 +74,10 @@ class Hotplug:
                 continue
             if not (0 <= vendor <= 0xFFFF and 0 <= prod <= 0xFFFF):
                 continue
-            self.on_device(str(dev.action), Device(str(dev.sys_name), vendor, prod))
+            busid = str(dev.sys_name)
+            serial = None
+            if dev.action == "add":
+                # The uevent comes after the device's attributes exist.
+                with contextlib.suppress(UsbipError):
+                    serial = HostDriver(self.sysfs).serial(busid)
+            self.on_device(str(dev.action), Device(busid, vendor, prod, serial))

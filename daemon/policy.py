@@ -22,12 +22,22 @@ The policy file is TOML::
     action = "deny"
     class = 0x09                         # bDeviceClass (hubs)
 
+    [[rule]]
+    action = "allow"
+    vendor = 0x1d6b
+    product = 0x0104
+    serial = "A1B2C3"                    # only the device with this serial number
+
     [[limit]]                            # per-identity limits, first match wins
     identity = "kiosk-*"
     max_devices = 1
 
 A rule matches when every field it gives (``vendor``, ``product``,
-``class``, ``identity``) matches.  ``class`` is the device class of the
+``class``, ``identity``, ``serial``) matches.  An export's record carries no
+serial number: a rule naming one can only be checked once the device has
+enumerated here, so when such a rule could decide, usbipa attaches the device,
+reads its serial number from sysfs and detaches it again if the verdict for
+that serial is a refusal (:mod:`usbipx.daemon.serialcheck`).  ``class`` is the device class of the
 exported record: an export carries no interface records, so interface
 classes cannot be matched.  ``identity`` is a certificate identity pattern
 (``*`` stands for part of one label, see :func:`usbipx.identity.identity_matches`);
@@ -43,6 +53,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from usbipx.deviceid import MAX_SERIAL, is_serial
 from usbipx.errors import ConfigError
 from usbipx.identity import identity_matches, is_identity_pattern
 from usbipx.protocol import UsbDevice
@@ -74,12 +85,20 @@ class DeviceRule:
     product: int | None = None
     device_class: int | None = None
     identity: str | None = None
+    serial: str | None = None
 
-    def matches(self, dev: UsbDevice, identity: str | None = None) -> bool:
+    def matches_record(self, dev: UsbDevice, identity: str | None = None) -> bool:
+        """Whether the rule matches what the export's record says (all but the serial)."""
         return ((self.vendor is None or self.vendor == dev.id_vendor)
                 and (self.product is None or self.product == dev.id_product)
                 and (self.device_class is None or self.device_class == dev.device_class)
                 and _for(self.identity, identity))
+
+    def matches(self, dev: UsbDevice, identity: str | None = None,
+                serial: str | None = None) -> bool:
+        """Whether the rule matches the device (``serial``: its serial number, if known)."""
+        return (self.matches_record(dev, identity)
+                and (self.serial is None or serial == self.serial))
 
     def __str__(self) -> str:
         parts = []
@@ -89,6 +108,8 @@ class DeviceRule:
             parts.append(f"product {self.product:04x}")
         if self.device_class is not None:
             parts.append(f"class {self.device_class:02x}")
+        if self.serial is not None:
+            parts.append(f"serial {self.serial}")
         who = f" for {self.identity}" if self.identity is not None else ""
         return f"{self.action} {' '.join(parts) or 'any'}{who}"
 
@@ -130,12 +151,25 @@ class Policy:
             return None
         return f"identity {identity} is not among the allowed identities"
 
-    def refuse_device(self, dev: UsbDevice, identity: str | None = None) -> str | None:
-        """Why ``dev`` may not be attached (for ``identity``), or None if it may."""
+    def refuse_device(self, dev: UsbDevice, identity: str | None = None,
+                      serial: str | None = None) -> str | None:
+        """Why ``dev`` (with serial number ``serial``, None: none or not known) may not be
+        attached for ``identity``, or None if it may."""
         for rule in self.rules:
-            if rule.matches(dev, identity):
+            if rule.matches(dev, identity, serial):
                 return None if rule.action == "allow" else f"denied by rule '{rule}'"
         return None if self.default == "allow" else "denied by default policy"
+
+    def serials_named(self, dev: UsbDevice, identity: str | None = None) -> tuple[str, ...]:
+        """The serial numbers of the rules that may decide on ``dev`` before a rule
+        without one does: if there are any, the verdict depends on the serial number."""
+        named = []
+        for rule in self.rules:
+            if rule.matches_record(dev, identity):
+                if rule.serial is None:
+                    break
+                named.append(rule.serial)
+        return tuple(named)
 
     def refuse_count(self, held: int, identity: str | None = None) -> str | None:
         """Why a peer already holding ``held`` devices may not add one."""
@@ -188,16 +222,20 @@ def policy_from_dict(data: dict[str, Any], source: str = "policy") -> Policy:
         where = f"{source}: rule {n + 1}"
         if not isinstance(r, dict):
             raise ConfigError(f"{where}: must be a table")
-        bad = set(r) - {"action", "vendor", "product", "class", "identity"}
+        bad = set(r) - {"action", "vendor", "product", "class", "identity", "serial"}
         if bad:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(bad))}")
         action = r.get("action")
         if action not in ("allow", "deny"):
             raise ConfigError(f"{where}: action must be 'allow' or 'deny'")
+        serial = r.get("serial")
+        if serial is not None and (not isinstance(serial, str) or not is_serial(serial)):
+            raise ConfigError(f"{where}: serial must be 1 to {MAX_SERIAL} printable "
+                              "characters without spaces")
         rules.append(DeviceRule(action, _int_field(r, "vendor", 16, where),
                                 _int_field(r, "product", 16, where),
                                 _int_field(r, "class", 8, where),
-                                _pattern(r.get("identity"), f"{where}: identity")))
+                                _pattern(r.get("identity"), f"{where}: identity"), serial))
     identities = data.get("identities", [])
     if not isinstance(identities, list):
         raise ConfigError(f"{source}: identities must be a list of identity patterns")

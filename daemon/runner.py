@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import os
 import signal
+from typing import TYPE_CHECKING
 
 from usbipx.daemon import sdnotify
 from usbipx.daemon.config import SupervisorConfig, load_config
@@ -29,32 +30,44 @@ from usbipx.errors import UsbipError
 from usbipx.log import logger
 from usbipx.sysfs import Sysfs
 
+if TYPE_CHECKING:
+    from usbipx.metrics import Metrics
+
 TICK = 0.25
 """Seconds between :meth:`Supervisor.tick` calls (restarts due, stop deadlines)."""
 
 
-async def run(config_path: str, sysfs: Sysfs | None = None) -> None:
+async def run(config_path: str, sysfs: Sysfs | None = None,
+              metrics: Metrics | None = None) -> None:
     """Run the supervisor until SIGTERM/SIGINT; every worker cleans up before we return.
 
     ``sysfs`` (default: the real one) is what the supervisor and every worker
     act on.  A control socket that cannot be had (another supervisor answers
-    there, or the path is impossible) is a :class:`UsbipError` before anything
-    is cleaned up, forked or changed.
+    there, or the path is impossible), or a metrics address that cannot be,
+    is a :class:`UsbipError` before anything is cleaned up, forked or changed.
     """
     sysfs = sysfs or Sysfs()
     config = load_config(config_path)
     loop = asyncio.get_running_loop()
     spawner = ProcessSpawner(loop, sysfs)
-    sup = Supervisor(config, spawner)
+    sup = Supervisor(config, spawner, metrics=metrics)
     spawner.sup = sup
     control = await control_server(config.options.control_socket, sup)
+    if metrics is not None and metrics.address is not None:
+        try:
+            metrics.serve()  # workers close the inherited listening socket
+        except UsbipError:
+            control.close()
+            with contextlib.suppress(OSError):
+                os.unlink(config.options.control_socket)
+            raise
     hotplug: Hotplug | None = None
     try:
         for key in clean_leftovers(config.options.state_dir, _keys(config, sysfs), sysfs):
             logger.info("cleaned up {} left by a previous supervisor", key)
         _handle_signals(loop, sup, config_path)
         try:
-            hotplug = Hotplug(sup.on_device)
+            hotplug = Hotplug(sup.on_device, sysfs=sysfs)
             loop.add_reader(hotplug.fileno(), hotplug.readable)
         except Exception as exc:  # no libudev: vendor/product exports see only present devices
             logger.warning("no hotplug events ({}); devices plugged in later are not seen", exc)

@@ -25,6 +25,7 @@ import signal
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -42,6 +43,7 @@ from usbipx.url import Endpoint
 
 if TYPE_CHECKING:
     from usbipx.daemon.wsserve import WssListener
+    from usbipx.metrics import Metrics
     from usbipx.tlsengine import TlsEngine
 
 
@@ -70,6 +72,10 @@ class ServerConfig:
     """``wss://`` ping interval and timeout: a dead path is noticed within their sum."""
 
 
+_REASONS = {"peer": "network", "total": "connections", "address": "connections",
+            "tls": "handshake", "identity": "identity", "path": "bad_request"}
+"""The ``usbipx_refusals_total`` reason of each kind of refused connection."""
+
 PeerPolicy = Callable[[str], str | None]
 """Why a peer address may not connect at all, or None if it may."""
 
@@ -86,8 +92,11 @@ class Server:
 
     def __init__(self, name: str, handler: Handler, cfg: ServerConfig,
                  refuse_peer: PeerPolicy | None = None,
-                 refuse_identity: PeerPolicy | None = None) -> None:
+                 refuse_identity: PeerPolicy | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.name = name
+        self.metrics = metrics
+        """Refusals, handshake latency and relayed bytes are counted here (None: off)."""
         self.handler = handler
         self.cfg = cfg
         self.refuse_peer = refuse_peer
@@ -120,6 +129,8 @@ class Server:
         return out
 
     def _log_refusal(self, kind: str, host: str, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.refused(_REASONS[kind])
         if (n := self._tally.count(kind, host)) is not None:
             logger.warning("{}: refused connection from {}: {}{}", self.name, host, reason,
                            times(n))
@@ -142,11 +153,15 @@ class Server:
             req = await asyncio.wait_for(read, self.cfg.request_timeout)
         except TimeoutError:
             self.rejected += 1
+            if self.metrics is not None:
+                self.metrics.refused("bad_request")
             logger.warning("{}: {}: no complete request within {:.0f} s", self.name,
                            peer.name, self.cfg.request_timeout)
             return None
         except (ProtocolError, TlsError) as exc:
             self.rejected += 1
+            if self.metrics is not None:
+                self.metrics.refused("bad_request")
             logger.warning("{}: {}: bad request: {}", self.name, peer.name, exc)
             return None
         if req is not None:
@@ -217,9 +232,12 @@ class Server:
         engine = TlsEngine(self._tls_context, server_side=True)
         kept = False
         try:
+            started = time.monotonic()
             try:
                 await asyncio.wait_for(handshake_async(loop, conn, engine),
                                        self.cfg.handshake_timeout)
+                if self.metrics is not None:
+                    self.metrics.handshake.labels("tls").observe(time.monotonic() - started)
             except (TimeoutError, TlsError) as exc:
                 self.rejected += 1
                 why = (f"no handshake within {self.cfg.handshake_timeout:.0f} s"
@@ -330,7 +348,8 @@ class Server:
             return False
         self.served += 1
         stop = threading.Event()
-        relay = Relay(relay_end, conn, engine, name=peer.name)
+        relay = Relay(relay_end, conn, engine, name=peer.name,
+                      meter=self.metrics.relayed if self.metrics is not None else None)
 
         def run() -> None:
             try:

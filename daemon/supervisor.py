@@ -26,11 +26,14 @@ import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from usbipx.daemon.config import ExportSpec, Options, ServerSpec, SupervisorConfig
 from usbipx.daemon.states import WORKER_REPORTS, Event, State, allowed, transition
 from usbipx.log import logger
+
+if TYPE_CHECKING:
+    from usbipx.metrics import Metrics
 
 __all__ = ["STOP_GRACE", "Device", "Job", "Slot", "Spawner", "State", "Supervisor", "jobs_for"]
 
@@ -61,6 +64,8 @@ class Device:
     busid: str
     vendor: int
     product: int
+    serial: str | None = None
+    """Its serial number string (sysfs ``serial``), None if it has none."""
 
 
 class Spawner(Protocol):
@@ -93,6 +98,8 @@ class Slot:
     steady: bool = False
     removing: bool = False
     replacement: Job | None = None
+    lost: bool = False
+    """Its export was lost (dropped after it was up): the next one is a re-export."""
 
 
 def jobs_for(config: SupervisorConfig, devices: Iterable[Device]) -> dict[str, Job]:
@@ -103,7 +110,7 @@ def jobs_for(config: SupervisorConfig, devices: Iterable[Device]) -> dict[str, J
     for spec in config.exports:
         if spec.kind == "match":
             for d in devices:
-                if spec.matches(d.vendor, d.product) and d.busid not in claimed:
+                if spec.matches(d.vendor, d.product, d.serial) and d.busid not in claimed:
                     claimed.add(d.busid)
                     key = f"{spec.key}@{d.busid}"
                     jobs[key] = Job(key, spec, d.busid, config.server, config.options)
@@ -118,13 +125,19 @@ class Supervisor:
     """Decides which workers run, restarts crashed ones, and tracks their state."""
 
     def __init__(self, config: SupervisorConfig, spawner: Spawner,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 metrics: Metrics | None = None) -> None:
         self.config = config
         self.spawner = spawner
         self.clock = clock
         self.slots: dict[str, Slot] = {}
         self.devices: dict[str, Device] = {}
         self.shutting_down = False
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.live("usbipx_workers", "Exports in each state.", "state", self.by_state)
+            metrics.live("usbipx_exports_active", "Exports each usbipa holds.", "peer",
+                         self.by_remote)
 
     # -- lifecycle --------------------------------------------------------
 
@@ -278,6 +291,8 @@ class Supervisor:
             # whatever it says.
             return
         st = State(event.value)
+        if self.metrics is not None:
+            self._count(slot, st)
         if st in STEADY:
             slot.steady = True
             slot.crashes.clear()
@@ -286,6 +301,16 @@ class Supervisor:
         elif st in (State.BACKOFF, State.WAITING):
             slot.remote = slot.transport = None
         self._apply(slot, event, error)
+
+    def _count(self, slot: Slot, st: State) -> None:
+        """Link losses (an export dropped) and re-exports (made again after one)."""
+        assert self.metrics is not None
+        if slot.state == State.EXPORTED and st == State.BACKOFF:
+            self.metrics.link_losses.inc()
+            slot.lost = True
+        elif st == State.EXPORTED and slot.state != State.EXPORTED and slot.lost:
+            self.metrics.reexports.inc()
+            slot.lost = False
 
     def on_exit(self, key: str, pid: int, code: int) -> None:
         """A worker process ended with ``code`` (negative: killed by that signal)."""
@@ -351,6 +376,8 @@ class Supervisor:
         for slot in list(self.slots.values()):
             if slot.restart_at is not None and now >= slot.restart_at and not self.shutting_down:
                 slot.restarts += 1
+                if self.metrics is not None:
+                    self.metrics.worker_restarts.inc()
                 self._spawn(slot)
             if slot.kill_at is not None and now >= slot.kill_at and slot.pid is not None:
                 logger.warning("{}: worker {} did not stop in {:.0f} s; killing it",
@@ -380,6 +407,21 @@ class Supervisor:
                 "last_error": s.last_error,
             })
         return out
+
+    def by_state(self) -> dict[str, float]:
+        """How many exports are in each state (every state, none left out)."""
+        counts: dict[str, float] = {str(st): 0 for st in State}
+        for s in list(self.slots.values()):
+            counts[str(s.state)] += 1
+        return counts
+
+    def by_remote(self) -> dict[str, float]:
+        """How many exports each usbipa (its URL) holds now."""
+        counts: dict[str, float] = {}
+        for s in list(self.slots.values()):
+            if s.state == State.EXPORTED and s.remote:
+                counts[s.remote] = counts.get(s.remote, 0) + 1
+        return counts
 
     def summary(self) -> str:
         """``3 exported, 1 backoff`` for systemd's STATUS=."""

@@ -9,10 +9,13 @@ TLS the reply must go first: see :mod:`usbipx.daemon.serving`).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from usbipx.daemon.serving import Outcome, Peer
 from usbipx.driver import DeviceDriver, ExportStatus
 from usbipx.errors import DeviceNotFound, UsbipError, ValidationError
 from usbipx.log import logger
+from usbipx.metrics import Holdings
 from usbipx.protocol import (
     DevlistReply,
     DevlistRequest,
@@ -27,14 +30,42 @@ from usbipx.protocol import (
     UnexportRequest,
 )
 
+if TYPE_CHECKING:
+    from usbipx.metrics import Metrics
+
 _STATUS_OF = {ExportStatus.USED: Status.ST_DEV_BUSY, ExportStatus.ERROR: Status.ST_DEV_ERR}
 
 
 class UsbipdHandler:
-    """Answers usbipd requests from the devices of one :class:`DeviceDriver`."""
+    """Answers usbipd requests from the devices of one :class:`DeviceDriver`.
 
-    def __init__(self, driver: DeviceDriver) -> None:
+    ``held`` are the devices handed to the kernel for a peer, bus id -> owner, for
+    ``usbipx_imports_active``: one the kernel no longer exports is forgotten.
+    """
+
+    def __init__(self, driver: DeviceDriver, metrics: Metrics | None = None) -> None:
         self.driver = driver
+        self.metrics = metrics
+        self.held = Holdings()
+        if metrics is not None:
+            metrics.live("usbipx_imports_active", "Devices each peer has imported (its "
+                         "certificate identity, or its address over plain TCP).", "peer",
+                         self.active)
+
+    def _refused(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.refused(reason)
+
+    def active(self) -> dict[str, float]:
+        """Devices imported by each peer, as the kernel has them now."""
+        for busid, _ in self.held.items():
+            try:
+                used = self.driver.status(busid) == ExportStatus.USED
+            except UsbipError:
+                used = False
+            if not used:
+                self.held.forget(busid)
+        return self.held.by_owner()
 
     def devlist(self) -> DevlistReply:
         """Devices ready for export and not in use; in-use ones are hidden."""
@@ -48,13 +79,16 @@ class UsbipdHandler:
             dev = self.driver.get(busid)
         except (DeviceNotFound, ValidationError):
             logger.info("import of {} by {}: no such exportable device", busid, peer.name)
+            self._refused("no_device")
             return Outcome(ImportReply(Status.ST_NODEV))
         if dev.status is None:
             logger.info("import of {} by {}: not bound to {}", busid, peer.name, self.driver.name)
+            self._refused("no_device")
             return Outcome(ImportReply(Status.ST_NODEV))
         if dev.status != ExportStatus.AVAILABLE:
             logger.info("import of {} by {}: device is {}", busid, peer.name,
                         dev.status.name.lower())
+            self._refused("busy" if dev.status == ExportStatus.USED else "error")
             return Outcome(ImportReply(_STATUS_OF[dev.status]))
 
         def handoff(fd: int, transport: str) -> Reply | None:
@@ -62,7 +96,11 @@ class UsbipdHandler:
                 self.driver.handoff(busid, fd)
             except UsbipError as exc:
                 logger.warning("import of {} by {}: handoff failed: {}", busid, peer.name, exc)
+                self._refused("error")
                 return ImportReply(Status.ST_NA)
+            self.held.add(busid, peer.owner)
+            if self.metrics is not None:
+                self.metrics.attaches.inc()
             logger.info("exported {} to {}:{} ({})", busid, peer.name, peer.port, transport)
             return None
 
@@ -75,6 +113,7 @@ class UsbipdHandler:
             return self.import_device(req, peer)
         # Exports go to usbipa, the application-side daemon.
         logger.info("{} from {} refused: this is usbipd", type(req).__name__, peer.name)
+        self._refused("unsupported")
         if isinstance(req, ExportRequest):
             return Outcome(ExportReply(Status.ST_NA))
         assert isinstance(req, UnexportRequest)

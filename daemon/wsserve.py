@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -57,8 +59,8 @@ class WssListener:
             self._connection, sock=self.sock, ssl=server_context(cfg.tls),
             process_request=self._admit, open_timeout=cfg.handshake_timeout,
             ping_interval=interval, ping_timeout=timeout, close_timeout=WS_CLOSE_TIMEOUT,
-            max_size=MAX_MESSAGE,
-            compression=None, server_header="usbipx", logger=_QUIET)
+            max_size=MAX_MESSAGE, compression=None, server_header="usbipx", logger=_QUIET,
+            create_connection=_timed_connection())
 
     async def aclose(self) -> None:
         """Stop listening and end every connection and relay of this listener."""
@@ -96,6 +98,9 @@ class WssListener:
             srv._log_refusal("identity", host, f"refused {identity}: {refused}")
             await ws.close(1008, "refused")
             return
+        accepted = getattr(ws, "accepted", None)
+        if srv.metrics is not None and accepted is not None:
+            srv.metrics.handshake.labels("wss").observe(time.monotonic() - accepted)
         peer = Peer(host, port, identity, "wss")
         srv.active += 1
         srv._per_host[host] = srv._per_host.get(host, 0) + 1
@@ -144,7 +149,8 @@ class WssListener:
             assert task is not None
             self._relays.add(task)
             try:
-                why = await relay(ws, relay_end)
+                why = await relay(ws, relay_end,
+                                  srv.metrics.relayed if srv.metrics is not None else None)
             finally:
                 self._relays.discard(task)
             logger.info("{}: relay for {} ended: {}", srv.name, peer.name, why)
@@ -164,9 +170,11 @@ class WssListener:
         return req
 
 
-async def relay(ws: ServerConnection, sock: socket.socket) -> str:
+async def relay(ws: ServerConnection, sock: socket.socket,
+                meter: Callable[[str, int], None] | None = None) -> str:
     """Pump ``sock`` (the kernel's socketpair end) to and from ``ws`` until either ends;
-    then close both.  The reason it ended."""
+    then close both.  The reason it ended.  ``meter`` is told
+    ``("to_network" | "to_kernel", nbytes)`` as data moves (metrics)."""
     from websockets.exceptions import ConnectionClosed
 
     loop = asyncio.get_running_loop()
@@ -178,6 +186,8 @@ async def relay(ws: ServerConnection, sock: socket.socket) -> str:
                 if isinstance(msg, str):
                     return "the peer sent a text message"
                 await loop.sock_sendall(sock, msg)
+                if meter is not None:
+                    meter("to_kernel", len(msg))
         except ConnectionClosed as exc:
             return f"peer closed ({exc})"
         return "peer closed"
@@ -186,6 +196,8 @@ async def relay(ws: ServerConnection, sock: socket.socket) -> str:
         try:
             while data := await loop.sock_recv(sock, CHUNK):
                 await ws.send(data)
+                if meter is not None:
+                    meter("to_network", len(data))
         except ConnectionClosed as exc:
             return f"peer closed ({exc})"
         return "kernel side closed"
@@ -206,6 +218,20 @@ async def relay(ws: ServerConnection, sock: socket.socket) -> str:
         with contextlib.suppress(Exception):
             await ws.close()
     return why
+
+
+def _timed_connection() -> type[ServerConnection]:
+    """websockets' connection, knowing when it was accepted: the protocol object is made
+    at accept, before the TLS handshake, so the wss handshake (TLS and HTTP upgrade)
+    lasts from then until the handler runs."""
+    from websockets.asyncio.server import ServerConnection
+
+    class Timed(ServerConnection):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.accepted = time.monotonic()
+
+    return Timed
 
 
 def _host(conn: ServerConnection) -> str:

@@ -114,7 +114,24 @@ class VudcDriver(ExportingDriver):
             device_class=dclass, device_subclass=dsub, device_protocol=dproto,
             configuration_value=0, num_configurations=nconf, num_interfaces=0,
         )
-        return LocalDevice(record, (), self.gadget_of(busid), self.status_or_none(busid))
+        gadget = self.gadget_of(busid)
+        return LocalDevice(record, (), gadget, self.status_or_none(busid),
+                           self._serial(busid, gadget))
+
+    def _serial(self, busid: str, gadget: str | None) -> str | None:
+        """The serial number string of configfs gadget ``gadget`` bound to ``busid`` (None
+        for a legacy gadget module, or a gadget without one)."""
+        from usbipx.gadget.configfs import Configfs
+        from usbipx.gadget.spec import is_gadget_name
+
+        if gadget is None or not is_gadget_name(gadget):
+            return None
+        cf = Configfs(self.sysfs)
+        # A legacy gadget module's function name may also be a configfs gadget's name.
+        if not cf.exists(gadget) or cf.udc_of(gadget) != busid:
+            return None
+        return self.sysfs.read_optional(cf.gadget(gadget, "strings", "0x409",
+                                                  "serialnumber")) or None
 
     def ready_devices(self) -> list[LocalDevice]:
         """vUDC instances with a gadget bound; instances without one are skipped."""

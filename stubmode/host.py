@@ -132,7 +132,12 @@ class HostDriver(ExportingDriver):
             ))
         driver = self.driver_of(busid)
         status = self.status_or_none(busid) if driver == STUB_DRIVER else None
-        return LocalDevice(record, tuple(interfaces), driver, status)
+        return LocalDevice(record, tuple(interfaces), driver, status, self.serial(busid))
+
+    def serial(self, busid: str) -> str | None:
+        """The serial number string of ``busid`` (sysfs ``serial``), None if it has none."""
+        validate_busid(busid)
+        return self.sysfs.read_optional(self._dev(busid, "serial")) or None
 
     def ids(self, busid: str) -> tuple[int, int] | None:
         """idVendor and idProduct of ``busid``, or None if it has not enumerated."""

@@ -100,11 +100,29 @@ def attach_remote(remote: Remote, busid: str, vhci: VhciDriver) -> Attached:
     return Attached(ports[0], remote.host, busid, path)
 
 
-def detach_port(port: int, vhci: VhciDriver) -> None:
-    """Detach a vhci port; the peer's device becomes available again."""
+def detach_port(port: int, vhci: VhciDriver) -> bool:
+    """Detach a vhci port; the peer's device becomes available again.
+
+    Returns False if the port was free already: as Debian's ``usbip detach``
+    ("Port N is already detached!", status 0), that is no error, so that
+    clean-up scripts can detach whatever may still be attached.  A port
+    vhci_hcd does not have is an error (:class:`DeviceNotFound`).
+    """
     if port < 0:
         raise UsbipError(f"bad port number {port}")
-    vhci.detach(port)
+    if vhci.port(port).free:
+        vhci.remove_record(port)  # a stale record of a port the kernel freed
+        return False
+    try:
+        vhci.detach(port)
+    except UsbipError:
+        # The link died just now (the kernel answers EINVAL for a free port): freed
+        # all the same.
+        if vhci.port(port).free:
+            vhci.remove_record(port)
+            return False
+        raise
+    return True
 
 
 @dataclass(frozen=True)

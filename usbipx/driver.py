@@ -35,12 +35,16 @@ class LocalDevice:
     ``driver`` is the kernel driver bound to a USB device (``usb``,
     ``usbip-host`` ...) or, for a vUDC, the configfs gadget bound to it.
     ``status`` is ``usbip_status`` when the device is ready for USB/IP.
+    ``serial`` is the device's serial number string (sysfs ``serial``; for a
+    vUDC, the gadget's ``strings/0x409/serialnumber``), None if it has none.
+    It is never on the wire: USB/IP's device record has no room for it.
     """
 
     record: UsbDevice
     interfaces: tuple[UsbInterface, ...] = ()
     driver: str | None = None
     status: ExportStatus | None = None
+    serial: str | None = None
 
     @property
     def busid(self) -> str:

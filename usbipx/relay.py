@@ -21,6 +21,7 @@ import contextlib
 import selectors
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from usbipx.errors import describe_errno
@@ -74,8 +75,10 @@ class Relay:
     """
 
     def __init__(self, kernel_side: socket.socket, network: socket.socket, engine: TlsEngine,
-                 name: str = "") -> None:
+                 name: str = "", meter: Callable[[str, int], None] | None = None) -> None:
         self.kernel_side = kernel_side
+        self.meter = meter
+        """Told ``("to_network" | "to_kernel", nbytes)`` as plaintext moves (metrics)."""
         self.network = network
         self.engine = engine
         self.name = name or f"fd {network.fileno()}"
@@ -161,6 +164,8 @@ class Relay:
         except TlsError as exc:
             raise _Ended(f"network error: {exc}") from None
         self.stats.to_network += len(data)
+        if self.meter is not None:
+            self.meter("to_network", len(data))
         self._to_net += self.engine.outgoing()
 
     def _send_kernel(self) -> None:
@@ -172,6 +177,8 @@ class Relay:
             raise _Ended(KERNEL_CLOSED) from None
         del self._to_kernel[:sent]
         self.stats.to_kernel += sent
+        if self.meter is not None:
+            self.meter("to_kernel", sent)
 
     def _recv_network(self) -> None:
         try:

@@ -97,9 +97,21 @@ def error(res: Result, code: int, message: str | None = None) -> str:
 @pytest.mark.scenario("host_unbound")
 def test_list_local_is_the_c_format(kernel: FakeKernel) -> None:
     out = ok(run(kernel, "list", "-l"))
-    assert out == (f" - busid 1-1 (1d6b:0104)\n   {NAMES}\n\n"
-                   f" - busid 2-1 (1d6b:0104)\n   {NAMES}\n\n")
+    # The C tool's two lines per device, then the serial number (issue 12).
+    assert out == (f" - busid 1-1 (1d6b:0104)\n   {NAMES}\n   serial 0001\n\n"
+                   f" - busid 2-1 (1d6b:0104)\n   {NAMES}\n   serial 0001\n\n")
     assert kernel.writes == []
+
+
+@pytest.mark.scenario("host_unbound")
+def test_list_local_without_or_with_an_odd_serial(kernel: FakeKernel, fs: Any) -> None:
+    fs.remove("/sys/devices/platform/dummy_hcd.0/usb1/1-1/serial")
+    kernel.set_attr("/sys/devices/platform/dummy_hcd.1/usb2/2-1/serial", "A\x1bB\n")
+    out = ok(run(kernel, "list", "-l"))
+    assert out == (f" - busid 1-1 (1d6b:0104)\n   {NAMES}\n\n"
+                   f" - busid 2-1 (1d6b:0104)\n   {NAMES}\n   serial A\\x1bB\n\n")
+    devs = json.loads(ok(run(kernel, "list", "-l", "--json")))
+    assert [d["serial"] for d in devs] == [None, "A\x1bB"]
 
 
 @pytest.mark.scenario("host_unbound")
@@ -128,7 +140,7 @@ def test_list_local_json(kernel: FakeKernel, args: tuple[str, ...]) -> None:
         "bcd_device": "0100", "vendor": "Linux Foundation",
         "product": "Multifunction Composite Gadget", "class": "00/00/00", "configuration": 1,
         "num_interfaces": 3, "interfaces": ["08/06/50", "02/02/01", "0a/00/00"],
-        "driver": "usb", "status": None,
+        "serial": "0001", "driver": "usb", "status": None,
     }
 
 
@@ -321,11 +333,23 @@ def test_detach(kernel: FakeKernel) -> None:
 
 @pytest.mark.scenario("vhci_attached")
 def test_detach_errors(kernel: FakeKernel) -> None:
-    for port, message in [("5", "vhci port 5 is not in use"),
-                          ("240", "vhci_hcd has no port 240"),
+    for port, message in [("240", "vhci_hcd has no port 240"),
                           ("-1", "bad port number -1")]:
         error(run(kernel, "detach", "-p", port), 1, message)
     assert kernel.writes == []
+
+
+@pytest.mark.scenario("vhci_attached")
+def test_detach_of_a_free_port_is_no_error(kernel: FakeKernel, fs: Any) -> None:
+    """As Debian's usbip (clean-up scripts rely on it): "already detached", status 0."""
+    fs.create_file(f"{STATE_DIR}/port5", contents="10.0.0.1 3240 1-1\n")  # stale record
+    assert ok(run(kernel, "detach", "-p", "5")) == "port 5 is already detached\n"
+    assert not kernel.exists(f"{STATE_DIR}/port5")
+    assert json.loads(ok(run(kernel, "--json", "detach", "-p", "5"))) == {
+        "port": 5, "detached": True, "was_attached": False}
+    assert kernel.writes == []
+    assert json.loads(ok(run(kernel, "--json", "detach", "-p", "0"))) == {
+        "port": 0, "detached": True, "was_attached": True}
 
 
 # -- options checked before anything happens ---------------------------------------------------
@@ -504,10 +528,11 @@ def test_attach_refused(kernel: FakeKernel, usbipd: LoopbackServer) -> None:
 
 
 @pytest.mark.scenario("vhci_free")
-@pytest.mark.parametrize("args", [(), ("-b", "1-1", "-d", "usbip-vudc.0")])
+@pytest.mark.parametrize("args", [(), ("-b", "1-1", "-d", "usbip-vudc.0"),
+                                  ("-b", "1-1", "--id", "1d6b:0104")])
 def test_attach_needs_one_target(kernel: FakeKernel, args: tuple[str, ...]) -> None:
     error(run(kernel, "attach", "-r", HOST, *args), 1,
-          "give exactly one of --busid BUSID or --device VUDC")
+          "give exactly one of --busid BUSID, --device VUDC or --id VID:PID")
 
 
 @pytest.mark.scenario("host_unbound", "vhci_free")

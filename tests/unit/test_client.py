@@ -220,11 +220,14 @@ def test_detach_port(kernel: FakeKernel, usbipd) -> None:
     vhci = VhciDriver(kernel.sysfs)
     attach_remote(R(usbipd[0].port), "1-1", vhci)
     kernel.clear_log()
-    detach_port(0, vhci)
+    assert detach_port(0, vhci) is True
     assert kernel.writes == [(DETACH, "0")]
     assert records(kernel) == {}
-    with pytest.raises(DeviceNotFound, match="not in use"):
-        detach_port(0, vhci)
+    # Free already: no error, as Debian's usbip (issue 12); nothing written.
+    assert detach_port(0, vhci) is False
+    assert kernel.writes == [(DETACH, "0")]
+    with pytest.raises(DeviceNotFound, match="vhci_hcd has no port 240"):
+        detach_port(240, vhci)
     with pytest.raises(UsbipError, match="bad port number -1"):
         detach_port(-1, vhci)
 
@@ -501,3 +504,12 @@ def test_the_reply_deadline_counts_from_the_request_not_the_connection() -> None
         with pytest.raises(UsbipError, match=r"no reply from peer within 0\.5 s"):
             list_remote(Remote(Remote.tcp(HOST, srv.port).endpoint, timeout=1.0,
                                reply_timeout=0.5))
+
+
+@pytest.mark.scenario("vhci_attached")
+def test_detach_port_freed_by_the_kernel_meanwhile(kernel: FakeKernel) -> None:
+    """The link dies between reading the port and writing detach: the kernel answers
+    EINVAL, and the port is free all the same -- already detached, no error."""
+    kernel.before_write(DETACH, lambda k, w: k.vhci_unplug(0))
+    assert detach_port(0, VhciDriver(kernel.sysfs)) is False
+    assert records(kernel) == {}
