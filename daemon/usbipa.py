@@ -39,12 +39,11 @@ from usbipx.protocol import (
     ImportRequest,
     Reply,
     Request,
-    Speed,
     Status,
     UnexportReply,
     UnexportRequest,
-    UsbDevice,
 )
+from usbipx.usbdevice import Speed, UsbDevice
 from usbipx.vhci import PortStatus, VhciDriver
 
 
