@@ -56,8 +56,8 @@ from typing import Any, Literal
 from usbipx.deviceid import MAX_SERIAL, is_serial
 from usbipx.errors import ConfigError
 from usbipx.identity import identity_matches, is_identity_pattern
-from usbipx.protocol import UsbDevice
 from usbipx.tomlfile import read_toml, toml_int
+from usbipx.usbdevice import UsbDevice
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Action = Literal["allow", "deny"]

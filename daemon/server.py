@@ -225,7 +225,8 @@ class Server:
         """Handshake, identity, request, then the reply and the handoff in the order
         the data path needs.  True if a relay now owns the connection."""
         from usbipx.identity import peer_identity
-        from usbipx.tlsengine import TlsEngine, handshake_async, recv_async
+        from usbipx.tlsengine import TlsEngine
+        from usbipx.tlsio import handshake_async, recv_async
 
         assert self._tls_context is not None
         loop = asyncio.get_running_loop()
@@ -280,7 +281,7 @@ class Server:
 
     async def _send_tls(self, conn: socket.socket, engine: TlsEngine, data: bytes,
                         peer: Peer) -> bool:
-        from usbipx.tlsengine import send_async
+        from usbipx.tlsio import send_async
 
         try:
             await asyncio.wait_for(send_async(asyncio.get_running_loop(), conn, engine, data),

@@ -45,12 +45,11 @@ from usbipx.protocol import (
     ImportRequest,
     Reply,
     Request,
-    Speed,
     Status,
     UnexportReply,
     UnexportRequest,
-    UsbDevice,
 )
+from usbipx.usbdevice import Speed, UsbDevice
 from usbipx.vhci import ImportedDevice, PortStatus, VhciDriver
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ The kernel's conventions this module follows:
 
 * binary attributes (HID ``report_desc``) are written as raw bytes; configfs
   refuses empty writes (EFAULT), so "empty" is a lone newline
-  (:func:`~usbipx.gadget.functions.encode`);
+  (:func:`~usbipx.gadget.attrs.encode`);
 * configfs lists a directory newest entry first; that order is the only
   record of the order a config's links were made, which is the order of
   its interfaces (:meth:`Configfs.created_order`).
@@ -25,7 +25,7 @@ import stat
 from pathlib import PurePosixPath
 
 from usbipx.errors import ModuleNotLoaded, ValidationError
-from usbipx.gadget.functions import Attr, AttrValue, decode, encode
+from usbipx.gadget.attrs import Attr, AttrValue, decode, encode
 from usbipx.gadget.spec import is_gadget_name, validate_gadget_name
 from usbipx.log import logger
 from usbipx.sysfs import Sysfs

@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from usbipx.gadget import hid
-from usbipx.gadget.functions import CONFIG_ATTRS, GADGET_ATTRS, AttrValue
+from usbipx.gadget.attrs import AttrValue
+from usbipx.gadget.functions import CONFIG_ATTRS, GADGET_ATTRS
 from usbipx.gadget.spec import LANG_EN_US, ConfigSpec, FunctionSpec, GadgetSpec, Strings
 
 

@@ -13,19 +13,15 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from usbipx.errors import DeviceNotFound
+from usbipx.gadget.attrs import Attr, AttrValue, Kind, generic, same
 from usbipx.gadget.configfs import GADGET_ROOT, Configfs
 from usbipx.gadget.functions import (
     CONFIG_ATTRS,
     CONFIG_STRINGS,
     GADGET_ATTRS,
     GADGET_STRINGS,
-    Attr,
-    AttrValue,
     FunctionType,
-    Kind,
     function_type,
-    generic,
-    same,
 )
 from usbipx.gadget.osdesc import (
     B_VENDOR_CODE,

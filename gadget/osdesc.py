@@ -33,7 +33,7 @@ What the kernel does (Linux 6.1, seen on the lab kernel):
   to can't be removed (EBUSY); removing the link unbinds a bound gadget;
 * ``compatible_id`` and ``sub_compatible_id`` are 8 raw bytes each, shown
   NUL-padded without a newline; a shorter write replaces only its length, so
-  they are written NUL-padded to 8 (:attr:`~usbipx.gadget.functions.Kind.PADDED`).
+  they are written NUL-padded to 8 (:attr:`~usbipx.gadget.attrs.Kind.PADDED`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from usbipx.errors import ConfigError
-from usbipx.gadget.functions import Attr, AttrValue, FunctionType, Kind, coerce
+from usbipx.gadget.attrs import Attr, AttrValue, Kind, coerce
+from usbipx.gadget.functions import FunctionType
 
 QW_SIGN = "MSFT100"
 # Names that end up in configfs paths; always used with fullmatch.

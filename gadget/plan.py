@@ -39,18 +39,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 
+from usbipx.gadget.attrs import Attr, AttrValue, generic, same
 from usbipx.gadget.functions import (
     CONFIG_ATTRS,
     CONFIG_STRINGS,
     GADGET_ATTRS,
     GADGET_STRINGS,
-    Attr,
-    AttrValue,
     FunctionType,
     function_type,
-    generic,
     ordered,
-    same,
 )
 from usbipx.gadget.osdesc import B_VENDOR_CODE, INTERFACE_ATTRS, USE, InterfaceOsDesc
 from usbipx.gadget.spec import ConfigSpec, FunctionSpec, GadgetSpec, Strings

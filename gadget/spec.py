@@ -45,6 +45,7 @@ from typing import Any, TypeGuard
 
 from usbipx.errors import ConfigError, ValidationError
 from usbipx.gadget import hid
+from usbipx.gadget.attrs import Attr, AttrValue, Kind, coerce, generic
 from usbipx.gadget.functions import (
     CONFIG_ATTRS,
     CONFIG_STRINGS,
@@ -53,14 +54,9 @@ from usbipx.gadget.functions import (
     MAX_FUNCTION_NAME,
     MAX_LUNS,
     MAX_STRING_BYTES,
-    Attr,
-    AttrValue,
     FunctionType,
     GadgetAttr,
-    Kind,
-    coerce,
     function_type,
-    generic,
 )
 from usbipx.gadget.osdesc import (
     INTERFACE_NAME,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from usbipx.gadget.functions import Attr, AttrValue, Kind
+from usbipx.gadget.attrs import Attr, AttrValue, Kind
 
 TEXT = Attr("string", Kind.STR)
 """How a USB string (``strings/0x409/product`` ...) is written: text, "" as a newline."""

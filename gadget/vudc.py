@@ -29,7 +29,7 @@ from usbipx.hostcommon import ExportingDriver
 from usbipx.lease import VUDC, Lease
 from usbipx.log import logger
 from usbipx.names import VUDC_NAME, is_vudc_busid, validate_busid, vudc_index
-from usbipx.protocol import Speed, UsbDevice
+from usbipx.usbdevice import Speed, UsbDevice
 
 if TYPE_CHECKING:
     from usbipx.gadget.spec import GadgetSpec

@@ -32,7 +32,7 @@ from usbipx.hostcommon import ExportingDriver
 from usbipx.lease import STUB, Lease
 from usbipx.log import logger
 from usbipx.names import is_usb_busid, is_vudc_busid, validate_busid
-from usbipx.protocol import Speed, UsbDevice, UsbInterface
+from usbipx.usbdevice import Speed, UsbDevice, UsbInterface
 
 USB_DEVICES = "/sys/bus/usb/devices"
 USB_DRIVERS = "/sys/bus/usb/drivers"

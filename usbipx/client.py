@@ -23,17 +23,15 @@ from usbipx.ownership import Owned, OwnershipStore
 from usbipx.protocol import (
     DevlistReply,
     DevlistRequest,
-    ExportableDevice,
     ExportRequest,
     ImportReply,
     ImportRequest,
-    Speed,
     Status,
     UnexportRequest,
-    UsbDevice,
 )
 from usbipx.sysfs import Sysfs
 from usbipx.transport import KernelPath, Link, Remote, open_link
+from usbipx.usbdevice import ExportableDevice, Speed, UsbDevice
 
 if TYPE_CHECKING:
     from usbipx.wslink import WsLink

@@ -16,8 +16,8 @@ from enum import IntEnum
 from typing import Protocol
 
 from usbipx.lease import Lease
-from usbipx.protocol import ExportableDevice, UsbDevice, UsbInterface
 from usbipx.sysfs import Sysfs
+from usbipx.usbdevice import ExportableDevice, UsbDevice, UsbInterface
 
 
 class ExportStatus(IntEnum):

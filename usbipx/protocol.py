@@ -15,8 +15,9 @@ OP_REQ_UNEXPORT 0x8007    312-byte device record
 OP_REP_UNEXPORT 0x0007    nothing
 ========================  ===========================================================
 
-A reply whose status is not ST_OK carries no body (as Linux's ``usbipd``
-sends it).  Nothing here touches a socket: :class:`RequestDecoder` and
+The device and interface records are :mod:`usbipx.usbdevice`'s.  A reply
+whose status is not ST_OK carries no body (as Linux's ``usbipd`` sends it).
+Nothing here touches a socket: :class:`RequestDecoder` and
 :class:`ReplyDecoder` take bytes and yield PDUs, h11 style.  They decode
 incrementally, record by record, and keep no byte they have parsed, so a
 PDU costs time linear in its size however it is split.  ``needed()`` says
@@ -25,27 +26,42 @@ PDU: the rest of the stream belongs to the kernel once the socket is handed
 over.
 
 Every field from the wire is validated before it is returned: version, op
-code, status, NUL-terminated strings of the expected characters, a known
-speed and bounded counts.  Anything else raises :class:`ProtocolError`.
+code, status, bounded counts, and the records' own fields (NUL-terminated
+strings of the expected characters, a known speed...).  Anything else
+raises :class:`ProtocolError`.
 """
 
 from __future__ import annotations
 
-import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import ClassVar, Generic, TypeAlias, TypeVar
 
 from usbipx import status as _status
+from usbipx import usbdevice as _usbdevice
 from usbipx.errors import ProtocolError, ValidationError
 from usbipx.names import validate_busid
+from usbipx.usbdevice import (
+    BUSID_CHARS,
+    DEVICE_SIZE,
+    INTERFACE_SIZE,
+    SYSFS_BUS_ID_SIZE,
+    decode_cstr,
+)
 
 # The status codes and their texts live in the leaf module usbipx.status;
 # these names keep ``from usbipx.protocol import Status`` working.
 Status = _status.Status
 status_text = _status.status_text
+
+# The records the PDUs carry live in usbipx.usbdevice; these names keep
+# ``protocol.UsbDevice``, ``protocol.Speed``... working for code that builds
+# and reads PDUs.
+Speed = _usbdevice.Speed
+UsbInterface = _usbdevice.UsbInterface
+UsbDevice = _usbdevice.UsbDevice
+ExportableDevice = _usbdevice.ExportableDevice
 
 USBIP_VERSION = 0x0111
 
@@ -65,190 +81,12 @@ OP_REP_EXPORT = OP_REPLY | OP_EXPORT
 OP_REQ_UNEXPORT = OP_REQUEST | OP_UNEXPORT
 OP_REP_UNEXPORT = OP_REPLY | OP_UNEXPORT
 
-SYSFS_PATH_MAX = 256
-SYSFS_BUS_ID_SIZE = 32
 HEADER_SIZE = 8
-DEVICE_SIZE = 312
-INTERFACE_SIZE = 4
-MAX_INTERFACES = 32
 MAX_DEVICES = 1024
 """Most devices accepted in one DEVLIST reply (a kernel has 8 x 15 usbip ports per kind)."""
 
 _HEADER = struct.Struct(">HHI")
-_DEVICE = struct.Struct(">256s32sIII3H6B")
-_INTERFACE = struct.Struct(">BBBx")
 _COUNT = struct.Struct(">I")
-assert _DEVICE.size == DEVICE_SIZE and _INTERFACE.size == INTERFACE_SIZE
-
-_PATH_RE = re.compile(r"[A-Za-z0-9/._:+-]*")
-_BUSID_CHARS = re.compile(r"[A-Za-z0-9._:-]*")
-
-
-class Speed(IntEnum):
-    """``enum usb_device_speed`` of the kernel."""
-
-    UNKNOWN = 0
-    LOW = 1
-    FULL = 2
-    HIGH = 3
-    WIRELESS = 4
-    SUPER = 5
-    SUPER_PLUS = 6
-
-    @property
-    def label(self) -> str:
-        """Human name with the signalling rate, as ``usbip port`` prints it."""
-        return _SPEED_LABEL[self]
-
-
-_SPEED_LABEL = {
-    Speed.UNKNOWN: "Unknown Speed",
-    Speed.LOW: "Low Speed(1.5Mbps)",
-    Speed.FULL: "Full Speed(12Mbps)",
-    Speed.HIGH: "High Speed(480Mbps)",
-    Speed.WIRELESS: "Wireless",
-    Speed.SUPER: "Super Speed(5000Mbps)",
-    Speed.SUPER_PLUS: "Super Speed Plus(10000Mbps)",
-}
-
-
-def _check_int(name: str, value: int, bits: int) -> None:
-    if not 0 <= value < (1 << bits):
-        raise ValidationError(f"{name} {value} does not fit in {bits} bits")
-
-
-def _decode_cstr(raw: bytes, what: str, pattern: re.Pattern[str]) -> str:
-    nul = raw.find(b"\0")
-    if nul < 0:
-        raise ProtocolError(f"{what} is not NUL-terminated")
-    try:
-        text = raw[:nul].decode("ascii")
-    except UnicodeDecodeError as exc:
-        raise ProtocolError(f"{what} has non-ASCII bytes") from exc
-    if not pattern.fullmatch(text):
-        raise ProtocolError(f"{what} {text!r} has unexpected characters")
-    return text
-
-
-@dataclass(frozen=True)
-class UsbInterface:
-    """``struct usbip_usb_interface``: class, subclass and protocol of an interface."""
-
-    interface_class: int
-    interface_subclass: int
-    interface_protocol: int
-
-    SIZE: ClassVar[int] = INTERFACE_SIZE
-
-    def __post_init__(self) -> None:
-        _check_int("bInterfaceClass", self.interface_class, 8)
-        _check_int("bInterfaceSubClass", self.interface_subclass, 8)
-        _check_int("bInterfaceProtocol", self.interface_protocol, 8)
-
-    def pack(self) -> bytes:
-        return _INTERFACE.pack(self.interface_class, self.interface_subclass,
-                               self.interface_protocol)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> UsbInterface:
-        if len(data) != INTERFACE_SIZE:
-            raise ProtocolError(f"interface record is {len(data)} bytes, not {INTERFACE_SIZE}")
-        return cls(*_INTERFACE.unpack(data))
-
-
-@dataclass(frozen=True)
-class UsbDevice:
-    """``struct usbip_usb_device``: the 312-byte record describing one device.
-
-    ``busid`` must be a valid bus id (see :func:`validate_busid`); ``path`` is
-    the device's sysfs path on its own host, informational only.
-    """
-
-    path: str
-    busid: str
-    busnum: int
-    devnum: int
-    speed: Speed
-    id_vendor: int
-    id_product: int
-    bcd_device: int
-    device_class: int = 0
-    device_subclass: int = 0
-    device_protocol: int = 0
-    configuration_value: int = 0
-    num_configurations: int = 1
-    num_interfaces: int = 0
-
-    SIZE: ClassVar[int] = DEVICE_SIZE
-
-    def __post_init__(self) -> None:
-        validate_busid(self.busid)
-        if len(self.path) >= SYSFS_PATH_MAX or not _PATH_RE.fullmatch(self.path):
-            raise ValidationError(f"bad device path {self.path!r}")
-        try:
-            Speed(self.speed)
-        except ValueError:
-            raise ValidationError(f"unknown USB speed {self.speed}") from None
-        object.__setattr__(self, "speed", Speed(self.speed))
-        for name, bits in (("busnum", 32), ("devnum", 32), ("idVendor", 16), ("idProduct", 16),
-                           ("bcdDevice", 16), ("bDeviceClass", 8), ("bDeviceSubClass", 8),
-                           ("bDeviceProtocol", 8), ("bConfigurationValue", 8),
-                           ("bNumConfigurations", 8), ("bNumInterfaces", 8)):
-            _check_int(name, getattr(self, _FIELD_OF[name]), bits)
-        if self.num_interfaces > MAX_INTERFACES:
-            raise ValidationError(f"bNumInterfaces {self.num_interfaces} exceeds {MAX_INTERFACES}")
-
-    @property
-    def devid(self) -> int:
-        """``busnum << 16 | devnum``, the id vhci_hcd's ``attach`` takes."""
-        return (self.busnum << 16) | self.devnum
-
-    def pack(self) -> bytes:
-        return _DEVICE.pack(
-            self.path.encode(), self.busid.encode(), self.busnum, self.devnum, int(self.speed),
-            self.id_vendor, self.id_product, self.bcd_device, self.device_class,
-            self.device_subclass, self.device_protocol, self.configuration_value,
-            self.num_configurations, self.num_interfaces,
-        )
-
-    @classmethod
-    def unpack(cls, data: bytes) -> UsbDevice:
-        """Decode and validate one record; raises :class:`ProtocolError`."""
-        if len(data) != DEVICE_SIZE:
-            raise ProtocolError(f"device record is {len(data)} bytes, not {DEVICE_SIZE}")
-        (path, busid, busnum, devnum, speed, vendor, product, bcd, dclass, dsub, dproto,
-         cfg, ncfg, nif) = _DEVICE.unpack(data)
-        path_s = _decode_cstr(path, "device path", _PATH_RE)
-        busid_s = _decode_cstr(busid, "bus id", _BUSID_CHARS)
-        try:
-            return cls(path_s, busid_s, busnum, devnum, speed, vendor, product, bcd, dclass,
-                       dsub, dproto, cfg, ncfg, nif)
-        except ValidationError as exc:
-            raise ProtocolError(f"bad device record: {exc}") from exc
-
-
-_FIELD_OF = {
-    "busnum": "busnum", "devnum": "devnum", "idVendor": "id_vendor", "idProduct": "id_product",
-    "bcdDevice": "bcd_device", "bDeviceClass": "device_class",
-    "bDeviceSubClass": "device_subclass", "bDeviceProtocol": "device_protocol",
-    "bConfigurationValue": "configuration_value", "bNumConfigurations": "num_configurations",
-    "bNumInterfaces": "num_interfaces",
-}
-
-
-@dataclass(frozen=True)
-class ExportableDevice:
-    """One entry of a DEVLIST reply: a device and its interface records."""
-
-    device: UsbDevice
-    interfaces: tuple[UsbInterface, ...] = ()
-
-    def __post_init__(self) -> None:
-        if len(self.interfaces) != self.device.num_interfaces:
-            raise ValidationError(
-                f"{self.device.busid}: {len(self.interfaces)} interface records for "
-                f"bNumInterfaces {self.device.num_interfaces}"
-            )
 
 
 def _pack_header(code: int, status: int = Status.ST_OK) -> bytes:
@@ -483,7 +321,7 @@ class RequestDecoder(_Decoder[Request]):
         return None
 
     def _busid(self, record: bytes) -> Request:
-        busid = _decode_cstr(record, "bus id", _BUSID_CHARS)
+        busid = decode_cstr(record, "bus id", BUSID_CHARS)
         try:
             return ImportRequest(busid)
         except ValidationError as exc:

@@ -20,25 +20,19 @@ become the kernel's first record sequence numbers:
 secrets (see :mod:`usbipx.tlskeylog` for how they are obtained) and those
 counts.  Then the engine is spent: the kernel owns the connection.
 
-Small drivers for sockets follow: blocking ones for clients (a deadline), and
-asyncio ones for servers.  All read one record at a time.
+:mod:`usbipx.tlsio` drives an engine over a socket, one record at a time.
 """
 
 from __future__ import annotations
 
-import asyncio
 import bisect
-import contextlib
 import re
-import socket
 import ssl
-import time
 import weakref
-from collections.abc import Iterator
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from usbipx import ktls, tlskeylog
-from usbipx.errors import UsbipError, describe_errno
+from usbipx.errors import UsbipError
 from usbipx.ktls import KtlsUnavailable
 from usbipx.tlsrecord import (
     CT_APPLICATION_DATA,
@@ -414,176 +408,21 @@ def _release(lease: tlskeylog.Lease | None) -> None:
         lease.release()
 
 
-# -- blocking drivers (clients) -----------------------------------------------------
+# The blocking drivers moved to usbipx.tlsio; usbipx.transport and the kernel
+# tests still import them from here.  They are forwarded on first use, so that
+# this module never imports its drivers at load time (tlsio imports the engine).
+if TYPE_CHECKING:
+    from usbipx.tlsio import handshake_blocking, recv_blocking, send_blocking
+
+_MOVED_TO_TLSIO = ("handshake_blocking", "recv_blocking", "send_blocking")
+
+__all__ = ["TlsClosed", "TlsEngine", "TlsError", "describe_ssl_error",
+           "handshake_blocking", "recv_blocking", "send_blocking"]
 
 
-class _Deadline:
-    def __init__(self, deadline: float, what: str) -> None:
-        self.deadline = deadline
-        self.budget = max(0.0, deadline - time.monotonic())
-        self.what = what
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_TLSIO:
+        from usbipx import tlsio
 
-    def expired(self) -> TlsError:
-        return TlsError(f"{self.what} within {round(self.budget, 1):g} s")
-
-    def remaining(self) -> float:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise self.expired()
-        return left
-
-
-def _network_error(exc: OSError, during: str) -> TlsError:
-    what = describe_errno(exc.errno) if exc.errno else str(exc)
-    return TlsError(f"network error {during}: {what}")
-
-
-def _send_alert(sock: socket.socket, data: bytes) -> None:
-    """Best effort, never blocking: the peer may like to know why."""
-    if not data:
-        return
-    with contextlib.suppress(OSError):
-        sock.send(data, socket.MSG_DONTWAIT)
-
-
-def _recv_record(sock: socket.socket, engine: TlsEngine, clock: _Deadline, eof: str) -> None:
-    target = engine.records_received + 1
-    while engine.records_received < target:
-        sock.settimeout(clock.remaining())
-        try:
-            chunk = sock.recv(engine.needed())
-        except TimeoutError:
-            raise clock.expired() from None
-        except OSError as exc:
-            raise _network_error(exc, "during TLS") from None
-        if not chunk:
-            raise TlsError(eof)
-        engine.receive(chunk)
-
-
-def _send(sock: socket.socket, data: bytes, clock: _Deadline) -> None:
-    if not data:
-        return
-    sock.settimeout(clock.remaining())
-    try:
-        sock.sendall(data)
-    except TimeoutError:
-        raise clock.expired() from None
-    except OSError as exc:
-        raise _network_error(exc, "during TLS") from None
-
-
-@contextlib.contextmanager
-def _keeping_timeout(sock: socket.socket) -> Iterator[None]:
-    before = sock.gettimeout()
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            sock.settimeout(before)
-
-
-def handshake_blocking(sock: socket.socket, engine: TlsEngine, deadline: float) -> None:
-    """Run the handshake over ``sock`` by ``deadline`` (a :func:`time.monotonic`
-    value), reading one record at a time.  TlsError on failure or timeout.
-
-    In TLS 1.3 a client's handshake completes before the server has checked
-    its certificate: a refusal shows as a TlsError at the first receive.
-    """
-    clock = _Deadline(deadline, "no TLS handshake")
-    with _keeping_timeout(sock):
-        while True:
-            try:
-                done = engine.handshake()
-            except TlsError:
-                _send_alert(sock, engine.outgoing())
-                raise
-            _send(sock, engine.outgoing(), clock)
-            if done:
-                return
-            _recv_record(sock, engine, clock, "peer closed the connection during the TLS handshake")
-
-
-def send_blocking(sock: socket.socket, engine: TlsEngine, data: bytes, deadline: float) -> None:
-    """Encrypt ``data`` and send it all by ``deadline``."""
-    clock = _Deadline(deadline, "could not send to the TLS peer")
-    with _keeping_timeout(sock):
-        engine.write(data)
-        _send(sock, engine.outgoing(), clock)
-
-
-def recv_blocking(sock: socket.socket, engine: TlsEngine, deadline: float) -> bytes:
-    """Read exactly one record by ``deadline``; its plaintext (b"" for a record
-    that carried none, e.g. a session ticket)."""
-    clock = _Deadline(deadline, "no TLS record")
-    with _keeping_timeout(sock):
-        _recv_record(sock, engine, clock, "peer closed the connection")
-        try:
-            data = engine.read()
-        except TlsError:
-            _send_alert(sock, engine.outgoing())
-            raise
-        _send(sock, engine.outgoing(), clock)  # e.g. an answer to a KeyUpdate
-        return data
-
-
-# -- asyncio drivers (servers; ``sock`` must be non-blocking) ------------------------
-
-
-async def _recv_record_async(loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                             engine: TlsEngine, eof: str) -> None:
-    target = engine.records_received + 1
-    while engine.records_received < target:
-        try:
-            chunk = await loop.sock_recv(sock, engine.needed())
-        except OSError as exc:
-            raise _network_error(exc, "during TLS") from None
-        if not chunk:
-            raise TlsError(eof)
-        engine.receive(chunk)
-
-
-async def _send_async(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: bytes) -> None:
-    if not data:
-        return
-    try:
-        await loop.sock_sendall(sock, data)
-    except OSError as exc:
-        raise _network_error(exc, "during TLS") from None
-
-
-async def handshake_async(loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                          engine: TlsEngine) -> None:
-    """Run the handshake over the non-blocking ``sock``, one record at a time;
-    wrap in :func:`asyncio.wait_for` for a deadline."""
-    while True:
-        try:
-            done = engine.handshake()
-        except TlsError:
-            _send_alert(sock, engine.outgoing())
-            raise
-        await _send_async(loop, sock, engine.outgoing())
-        if done:
-            return
-        await _recv_record_async(loop, sock, engine,
-                                 "peer closed the connection during the TLS handshake")
-
-
-async def recv_async(loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                     engine: TlsEngine) -> bytes:
-    """Read exactly one record; its plaintext (may be b"")."""
-    await _recv_record_async(loop, sock, engine, "peer closed the connection")
-    try:
-        data = engine.read()
-    except TlsError:
-        _send_alert(sock, engine.outgoing())
-        raise
-    await _send_async(loop, sock, engine.outgoing())
-    return data
-
-
-async def send_async(loop: asyncio.AbstractEventLoop, sock: socket.socket, engine: TlsEngine,
-                     data: bytes) -> None:
-    """Encrypt ``data`` and send it all."""
-    engine.write(data)
-    await _send_async(loop, sock, engine.outgoing())
+        return getattr(tlsio, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,8 +31,8 @@ from usbipx.errors import (
 from usbipx.identity import is_identity
 from usbipx.log import logger
 from usbipx.names import validate_busid
-from usbipx.protocol import Speed, UsbDevice
 from usbipx.sysfs import Sysfs
+from usbipx.usbdevice import Speed, UsbDevice
 
 VHCI0 = "/sys/devices/platform/vhci_hcd.0"
 STATE_DIR = "/var/run/vhci_hcd"

@@ -62,8 +62,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from usbipx.errors import kernel_error
-from usbipx.protocol import Speed
 from usbipx.sysfs import Sysfs
+from usbipx.usbdevice import Speed
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "sysfs"
 

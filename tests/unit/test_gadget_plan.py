@@ -12,14 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from usbipx.gadget.functions import (
-    CONFIG_ATTRS,
-    GADGET_ATTRS,
-    GADGET_STRINGS,
-    Attr,
-    AttrValue,
-    function_type,
-)
+from usbipx.gadget.attrs import Attr, AttrValue
+from usbipx.gadget.functions import CONFIG_ATTRS, GADGET_ATTRS, GADGET_STRINGS, function_type
 from usbipx.gadget.osdesc import (
     B_VENDOR_CODE,
     COMPATIBLE_ID,

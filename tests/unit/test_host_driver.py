@@ -35,8 +35,8 @@ from usbipx.errors import (
     UsbipError,
     ValidationError,
 )
-from usbipx.protocol import Speed, UsbInterface
 from usbipx.stubmode.host import HostDriver
+from usbipx.usbdevice import Speed, UsbInterface
 
 DEV = "/sys/devices/platform/dummy_hcd.0/usb1/1-1"
 UNBIND_USB = (f"{USB_DRIVERS}/usb/unbind", "1-1")

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from usbipx.daemon.policy import DeviceRule, Policy, load_policy, parse_network, policy_from_dict
 from usbipx.errors import ConfigError, ValidationError
-from usbipx.protocol import Speed, UsbDevice
+from usbipx.usbdevice import Speed, UsbDevice
 
 VALID = """\
 allow = ["10.0.0.0/8", "fd00::/8", "192.0.2.7"]

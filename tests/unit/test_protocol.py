@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from usbipx import protocol as p
 from usbipx.errors import ProtocolError, ValidationError
+from usbipx.names import validate_busid
+from usbipx.usbdevice import DEVICE_SIZE, MAX_INTERFACES
 
 GOLDEN = Path(__file__).parent.parent / "fixtures" / "golden"
 
@@ -146,7 +148,7 @@ def test_devlist_decoder_keeps_no_more_than_one_record(chunk: int) -> None:
         assert got is None, "the reply completed before its last byte"
         dec.receive_data(raw[start:start + chunk])
         got = dec.next_event()
-        assert len(dec.unconsumed) < p.DEVICE_SIZE + chunk, f"holds too much at byte {start}"
+        assert len(dec.unconsumed) < DEVICE_SIZE + chunk, f"holds too much at byte {start}"
     assert got == reply
     assert dec.unconsumed == b""
 
@@ -241,14 +243,14 @@ def test_truncated_and_trailing() -> None:
 
 @pytest.mark.parametrize("busid", ["1-1", "3-1.4.2", "12-10", "usbip-vudc.0", "usbip-vudc.15"])
 def test_valid_busids(busid: str) -> None:
-    assert p.validate_busid(busid) == busid
+    assert validate_busid(busid) == busid
 
 
 @pytest.mark.parametrize("busid", ["", "1", "1-", "-1", "1-1/", "../1-1", "1-1:1.0", "usb1",
                                    "usbip-vudc", "usbip-vudc.x", "1-1 ", "1-1\n", "a-b"])
 def test_invalid_busids(busid: str) -> None:
     with pytest.raises(ValidationError):
-        p.validate_busid(busid)
+        validate_busid(busid)
 
 
 def test_record_rejects_out_of_range_fields() -> None:
@@ -273,7 +275,7 @@ busids = st.one_of(
 paths = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789/._:+-", max_size=255)
 u8, u16, u32 = st.integers(0, 0xFF), st.integers(0, 0xFFFF), st.integers(0, 0xFFFFFFFF)
 devices = st.builds(p.UsbDevice, paths, busids, u32, u32, st.sampled_from(list(p.Speed)),
-                    u16, u16, u16, u8, u8, u8, u8, u8, st.integers(0, p.MAX_INTERFACES))
+                    u16, u16, u16, u8, u8, u8, u8, u8, st.integers(0, MAX_INTERFACES))
 interfaces = st.builds(p.UsbInterface, u8, u8, u8)
 
 
@@ -386,6 +388,15 @@ def test_status_codes_live_in_a_leaf_module() -> None:
     assert _usbipx_imports("usbipx.status") == set()
     assert not any(m.startswith("usbipx.protocol") for m in _usbipx_imports("usbipx.errors"))
     assert p.Status is __import__("usbipx.status").status.Status
+
+
+def test_the_records_do_not_know_the_pdus() -> None:
+    """usbipx.usbdevice is the records alone: the PDUs import it, never the other way."""
+    assert not any(m.startswith("usbipx.protocol") for m in _usbipx_imports("usbipx.usbdevice"))
+    assert _usbipx_imports("usbipx.usbdevice") <= {
+        "usbipx.errors", "usbipx.errors.ProtocolError", "usbipx.errors.ValidationError",
+        "usbipx.names", "usbipx.names.validate_busid"}
+    assert p.UsbDevice is __import__("usbipx.usbdevice").usbdevice.UsbDevice
 
 
 def test_export_refusals_have_their_own_words() -> None:

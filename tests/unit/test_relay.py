@@ -14,7 +14,8 @@ import pytest
 from tlskit import Pki, make_pki, tcp_pair
 
 from usbipx.relay import CHUNK, HIGH_WATER, Relay, relay_pair
-from usbipx.tlsengine import TlsEngine, handshake_blocking
+from usbipx.tlsengine import TlsEngine
+from usbipx.tlsio import handshake_blocking
 from usbipx.tlsrecord import MAX_RECORD_BODY
 
 MB = 1 << 20

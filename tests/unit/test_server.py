@@ -399,7 +399,8 @@ class FlakyListener(socket.socket):
 
 
 @pytest.mark.parametrize("err", [errno.ECONNABORTED, errno.EPROTO, errno.ENOBUFS,
-                                 errno.ENOMEM, errno.EPERM, errno.EMFILE])
+                                 errno.ENOMEM, errno.EPERM, errno.EMFILE, errno.ENFILE,
+                                 errno.ENETUNREACH])
 def test_a_failing_accept_does_not_stop_the_server(err: int, logs: list[str]) -> None:
     srv = LoopbackServer(Recorder())
     srv.server.open()

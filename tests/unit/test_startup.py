@@ -25,8 +25,8 @@ PROBE = (
 )
 
 HEAVY = {"asyncio", "multiprocess", "pyudev", "tomllib", "usbipx.gadget.functions",
-         "usbipx.gadget.plan", "usbipx.daemon.server", "usbipx.daemon.supervisor",
-         "cryptography", "websockets", "ssl", "prometheus_client"}
+         "usbipx.gadget.attrs", "usbipx.gadget.plan", "usbipx.daemon.server",
+         "usbipx.daemon.supervisor", "cryptography", "websockets", "ssl", "prometheus_client"}
 
 
 def loaded(tmp_path, *args: str) -> set[str]:

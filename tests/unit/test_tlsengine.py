@@ -1,7 +1,7 @@
 """usbipx.tlsengine: the sans-IO engine in memory, its record-exact input, the record
 counts behind the kernel's sequence numbers (checked against OpenSSL by sealing and
 opening real records with the structs), failures with clear reasons, the key log,
-and the blocking and asyncio socket drivers."""
+and the blocking and asyncio socket drivers (usbipx.tlsio)."""
 
 from __future__ import annotations
 
@@ -21,10 +21,8 @@ from tlskit import Info, Pki, connect, make_pki, request_reply, split_records, t
 
 from usbipx import tlskeylog
 from usbipx.ktls import KtlsUnavailable
-from usbipx.tlsengine import (
-    TlsClosed,
-    TlsEngine,
-    TlsError,
+from usbipx.tlsengine import TlsClosed, TlsEngine, TlsError
+from usbipx.tlsio import (
     handshake_async,
     handshake_blocking,
     recv_async,
@@ -711,3 +709,26 @@ def test_alert_reaches_the_peer_over_sockets(pki):
     csock.close()
     ssock.close()
     assert [str(e) for e in errors] == ["TLS handshake failed: peer sent TLS alert unknown ca"]
+
+
+# -- module structure -----------------------------------------------------------
+
+@pytest.mark.parametrize("first", ["usbipx.tlsengine", "usbipx.tlsio"])
+def test_the_engine_loads_without_its_drivers(first: str) -> None:
+    """tlsio imports the engine, never the other way at load time (either may be
+    imported first); the blocking drivers still importable from tlsengine are tlsio's."""
+    probe = "\n".join([
+        "import importlib, sys",
+        f"importlib.import_module({first!r})",
+        "import usbipx.tlsengine as engine",
+        f"assert ('usbipx.tlsio' in sys.modules) == {first == 'usbipx.tlsio'}",
+        "from usbipx.tlsengine import handshake_blocking, recv_blocking, send_blocking",
+        "import usbipx.tlsio as io",
+        "assert (handshake_blocking, recv_blocking, send_blocking) == "
+        "(io.handshake_blocking, io.recv_blocking, io.send_blocking)",
+        "assert not hasattr(engine, 'no_such_name')",
+    ])
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+

@@ -214,6 +214,26 @@ def test_per_peer_limit_counts_only_that_peers_devices(kernel: FakeKernel, vhci:
     assert export(h, new_sock, D21, A)[0].reply.status == p.Status.ST_OK
 
 
+def test_per_peer_limit_counts_each_identity_behind_one_address(
+        kernel: FakeKernel, vhci: VhciDriver, new_sock, logs: list[str]) -> None:
+    """Two boards behind one NAT address, each with its own certificate: the limit is
+    per identity, so the second board is not refused for what the first holds."""
+    board_a = Peer("192.0.2.7", 40000, identity="board-a", transport="tls")
+    board_b = Peer("192.0.2.7", 40001, identity="board-b", transport="tls")
+    h = UsbipaHandler(vhci, Policy(max_devices_per_peer=1))
+    assert export(h, new_sock, D11, board_a, "tls-relay")[0].reply.status == p.Status.ST_OK
+    assert export(h, new_sock, D21, board_b, "tls-relay")[0].reply.status == p.Status.ST_OK
+    assert record(kernel, 0) == "192.0.2.7 40000 1-1\ntls-relay board-a\n"
+    assert record(kernel, 1) == "192.0.2.7 40001 2-1\ntls-relay board-b\n"
+    # Each board is now at its own limit of one.
+    kernel.clear_log()
+    for peer, d in ((board_a, D21), (board_b, D11)):
+        out, _ = export(h, new_sock, d, peer, "tls-relay")
+        assert out.reply == p.ExportReply(p.Status.ST_NA)
+        assert any(f"{peer.identity} (192.0.2.7)" in m and "limit 1" in m for m in logs)
+    assert kernel.writes == []
+
+
 def test_reexport_of_the_same_device_does_not_count_against_the_limit(
         kernel: FakeKernel, vhci: VhciDriver, new_sock) -> None:
     h = UsbipaHandler(vhci, Policy(max_devices_per_peer=1))

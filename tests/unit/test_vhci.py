@@ -22,7 +22,7 @@ from usbipx.errors import (
     UsbipError,
     ValidationError,
 )
-from usbipx.protocol import Speed, UsbDevice
+from usbipx.usbdevice import Speed, UsbDevice
 from usbipx.vhci import STATE_DIR, PortRecord, PortStatus, VhciDriver, VhciPort, hub_for
 
 ATTACH = f"{VHCI0}/attach"

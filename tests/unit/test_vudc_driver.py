@@ -25,7 +25,7 @@ from usbipx.errors import (
     ValidationError,
 )
 from usbipx.gadget.vudc import NoGadget, VudcDriver
-from usbipx.protocol import Speed
+from usbipx.usbdevice import Speed
 
 # Read before pyfakefs hides the real files: the C usbipd -e's DEVLIST reply for this tree.
 DEVLIST_VUDC = (Path(__file__).parent.parent / "fixtures" / "golden" / "devlist-reply-vudc.bin"
