@@ -11,7 +11,7 @@ from usbipx.cli.common import CA, CERT, KEY, PROXY, REMOTE_HELP, emit_json, hand
 from usbipx.cli.common import remote as remote_of
 from usbipx.driver import LocalDevice
 from usbipx.errors import UsbipError
-from usbipx.protocol import ExportableDevice, UsbDevice
+from usbipx.usbdevice import ExportableDevice, UsbDevice
 
 
 def device_json(dev: UsbDevice, interfaces: tuple[Any, ...] = ()) -> dict[str, Any]:

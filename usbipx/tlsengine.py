@@ -29,7 +29,7 @@ import bisect
 import re
 import ssl
 import weakref
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from usbipx import ktls, tlskeylog
 from usbipx.errors import UsbipError
@@ -406,23 +406,3 @@ class TlsEngine:
 def _release(lease: tlskeylog.Lease | None) -> None:
     if lease is not None:
         lease.release()
-
-
-# The blocking drivers moved to usbipx.tlsio; usbipx.transport and the kernel
-# tests still import them from here.  They are forwarded on first use, so that
-# this module never imports its drivers at load time (tlsio imports the engine).
-if TYPE_CHECKING:
-    from usbipx.tlsio import handshake_blocking, recv_blocking, send_blocking
-
-_MOVED_TO_TLSIO = ("handshake_blocking", "recv_blocking", "send_blocking")
-
-__all__ = ["TlsClosed", "TlsEngine", "TlsError", "describe_ssl_error",
-           "handshake_blocking", "recv_blocking", "send_blocking"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_TLSIO:
-        from usbipx import tlsio
-
-        return getattr(tlsio, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -131,7 +131,8 @@ class Link:
         the remote's reply timeout from now."""
         if self.engine is None:
             return request(self.sock, req, self.remote.reply_timeout)
-        from usbipx.tlsengine import TlsError, recv_blocking, send_blocking
+        from usbipx.tlsengine import TlsError
+        from usbipx.tlsio import recv_blocking, send_blocking
 
         deadline = time.monotonic() + self.remote.reply_timeout
         try:
@@ -210,7 +211,8 @@ def open_link(remote: Remote) -> Link | WsLink:
     if not remote.endpoint.secure:
         return Link(remote, sock)
     from usbipx.tlsconf import client_context
-    from usbipx.tlsengine import TlsEngine, TlsError, handshake_blocking
+    from usbipx.tlsengine import TlsEngine, TlsError
+    from usbipx.tlsio import handshake_blocking
 
     assert remote.tls is not None
     try:

@@ -18,7 +18,8 @@ import pytest
 from labkit import wait_for
 
 from usbipx import ktls, pki, tlsconf
-from usbipx.tlsengine import TlsEngine, handshake_blocking, recv_blocking, send_blocking
+from usbipx.tlsengine import TlsEngine
+from usbipx.tlsio import handshake_blocking, recv_blocking, send_blocking
 
 pytestmark = pytest.mark.kernel
 
