@@ -205,20 +205,27 @@ class Server:
         if req is None or (outcome := self._decide(req, peer)) is None:
             return
         conn.setblocking(True)  # the kernel expects a blocking socket
-        reply = settle(outcome, conn.fileno(), "tcp")
+        first = outcome.reply_first and outcome.handoff is not None
+        reply = outcome.reply if first else settle(outcome, conn.fileno(), "tcp")
         try:
-            # A reply is at most a few hundred bytes per device; a blocking
-            # send (with a timeout) keeps it ahead of any kernel traffic.
+            # A reply is at most a few hundred bytes per device: a blocking send
+            # (with a timeout) has it on the wire when sendall returns.
             conn.settimeout(self.cfg.request_timeout)
             conn.sendall(reply.pack())
         except OSError as exc:
             logger.warning("{}: {}: cannot send reply: {}", self.name, peer.name, exc)
-            if outcome.undo is not None:
+            if outcome.undo is not None and not first:
                 outcome.undo()
             return
         finally:
             with contextlib.suppress(OSError):
                 conn.settimeout(None)
+        if first and settle(outcome, conn.fileno(), "tcp") is not outcome.reply:
+            # Refused after the peer was told yes: closing the link tells it now
+            # (its kernel sees the connection end and frees the device).
+            logger.warning("{}: {}: the kernel refused the connection after the reply; "
+                           "closing it", self.name, peer.name)
+            return
         self.served += 1
 
     async def _serve_tls(self, conn: socket.socket, plain: Peer) -> bool:

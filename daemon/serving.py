@@ -59,6 +59,10 @@ class Outcome:
     reply: Reply
     handoff: Handoff | None = None
     undo: Callable[[], None] | None = None
+    reply_first: bool = False
+    """The kernel speaks as soon as it has the socket (vhci_hcd enumerates the
+    device it was given), so over plain TCP the reply must be on the wire before
+    the handoff, or the peer reads a URB where it waits for the reply."""
 
 
 Handler = Callable[[Request, Peer], Outcome]

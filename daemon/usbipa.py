@@ -218,7 +218,7 @@ class UsbipaHandler:
                 except UsbipError as exc:
                     logger.error("could not detach port {}: {}", port, exc)
 
-        return Outcome(ExportReply(Status.ST_OK), handoff, undo)
+        return Outcome(ExportReply(Status.ST_OK), handoff, undo, reply_first=True)
 
     def check_serial(self, port: int, dev: UsbDevice, peer: Peer) -> None:
         """The policy's verdict on the serial number of the device attached on ``port``;

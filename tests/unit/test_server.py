@@ -268,6 +268,40 @@ def test_undo_when_the_reply_cannot_be_delivered(logs: list[str]) -> None:
     assert any("cannot send reply" in m for m in logs)
 
 
+KERNEL_URB = struct.pack(">I", 1) + b"\x00" * 44  # a USBIP_CMD_SUBMIT header
+
+
+def _export_outcome(reply_first: bool, failed: p.Reply | None = None):
+    """A handler whose handoff makes the 'kernel' speak at once on the socket, as
+    vhci_hcd does when it enumerates a device it was just given."""
+
+    def handler(req: p.Request, peer: Peer) -> Outcome:
+        def handoff(fd: int, transport: str) -> p.Reply | None:
+            os.write(fd, KERNEL_URB)
+            return failed
+
+        return Outcome(p.DevlistReply(), handoff, reply_first=reply_first)
+
+    return handler
+
+
+def test_a_kernel_that_speaks_first_gets_the_reply_ahead_of_it() -> None:
+    """usbipa's vhci attach starts enumeration at once: over plain TCP the board
+    must read OP_REP_EXPORT before the first URB, never a URB as the reply."""
+    with LoopbackServer(_export_outcome(reply_first=True)) as srv:
+        assert exchange(srv, DEVLIST_REQ) == EMPTY_DEVLIST + KERNEL_URB
+
+
+def test_a_handoff_refused_after_the_reply_ends_the_connection(logs: list[str]) -> None:
+    refused = p.DevlistReply((), p.Status.ST_ERROR)
+    with LoopbackServer(_export_outcome(reply_first=True, failed=refused)) as srv:
+        # the reply went out; the kernel refused the socket: the link just ends
+        assert exchange(srv, DEVLIST_REQ).startswith(EMPTY_DEVLIST)
+        srv.wait_for(lambda s: s.active == 0)
+        assert srv.server.served == 0
+    assert any("after the reply" in m for m in logs)
+
+
 def test_undo_is_not_called_when_the_reply_is_delivered() -> None:
     undone = []
 
