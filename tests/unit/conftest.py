@@ -13,11 +13,13 @@ See ``fakekernel.py`` for the kernel's API (write log, faults, races).
 
 from __future__ import annotations
 
+import socket
 import sys
 from collections.abc import Callable, Iterator
 
 import pytest
 from fakekernel import FakeKernel, FakeKernelSysfs
+from loguru import logger
 from loopback import LoopbackServer, Spy
 
 from usbipx.daemon.usbipa import UsbipaHandler
@@ -81,3 +83,21 @@ def _restore_logging():
     yield
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
+
+
+@pytest.fixture
+def logs() -> Iterator[list[str]]:
+    """The messages logged during the test (DEBUG and up)."""
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(m.record["message"]), level="DEBUG")
+    yield lines
+    logger.remove(sink)
+
+
+@pytest.fixture
+def socks() -> Iterator[list[socket.socket]]:
+    """Connected sockets, as the server would pass them; closed after the test."""
+    made: list[socket.socket] = []
+    yield made
+    for s in made:
+        s.close()

@@ -10,12 +10,10 @@ test creates ``/sys/bus/usb/devices/<local bus id>``.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from fakekernel import VHCI0, FakeKernel
-from loguru import logger
 
 from usbipx import protocol as p
 from usbipx.daemon.policy import DeviceRule, Policy, policy_from_dict
@@ -73,20 +71,6 @@ def test_the_verdict_depends_on_the_serial() -> None:
 
 # -- the check on the attached device ------------------------------------------------------
 
-@pytest.fixture
-def socks() -> Iterator[list[socket.socket]]:
-    made: list[socket.socket] = []
-    yield made
-    for s in made:
-        s.close()
-
-
-@pytest.fixture
-def logs() -> Iterator[list[str]]:
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(m.record["message"]), level="DEBUG")
-    yield lines
-    logger.remove(sink)
 
 
 def export(h: UsbipaHandler, socks: list[socket.socket], peer: Peer = A) -> Outcome:

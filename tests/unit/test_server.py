@@ -12,12 +12,10 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from loguru import logger
 from loopback import HOST, LoopbackServer, read_to_eof
 
 from usbipx import protocol as p
@@ -45,13 +43,6 @@ class Recorder:
             return Outcome(p.ImportReply(p.Status.ST_NODEV))
         return Outcome(p.DevlistReply())
 
-
-@pytest.fixture
-def logs() -> Iterator[list[str]]:
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(m.record["message"]), level="DEBUG")
-    yield lines
-    logger.remove(sink)
 
 
 def exchange(srv: LoopbackServer, data: bytes) -> bytes:

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 
 import pytest
 from fakekernel import VHCI0, FakeKernel, VdevStatus
-from loguru import logger
 
 from usbipx import protocol as p
 from usbipx.daemon.policy import DeviceRule, Policy
@@ -41,14 +40,6 @@ D11 = dev()
 D21 = dev("2-1", busnum=2)
 
 
-@pytest.fixture
-def socks() -> Iterator[list[socket.socket]]:
-    """Connected sockets, as the server would pass them; closed after the test."""
-    made: list[socket.socket] = []
-    yield made
-    for s in made:
-        s.close()
-
 
 @pytest.fixture
 def new_sock(socks: list[socket.socket]) -> Iterator[object]:
@@ -59,13 +50,6 @@ def new_sock(socks: list[socket.socket]) -> Iterator[object]:
 
     yield make
 
-
-@pytest.fixture
-def logs() -> Iterator[list[str]]:
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(m.record["message"]), level="DEBUG")
-    yield lines
-    logger.remove(sink)
 
 
 @pytest.fixture

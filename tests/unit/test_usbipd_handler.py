@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 from fakekernel import PLATFORM, USB_DEVICES, FakeKernel
-from loguru import logger
 
 from usbipx import protocol as p
 from usbipx.daemon.serving import Outcome, Peer, settle
@@ -40,13 +39,6 @@ def sock() -> Iterator[socket.socket]:
     a.close()
     b.close()
 
-
-@pytest.fixture
-def logs() -> Iterator[list[str]]:
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(m.record["message"]), level="DEBUG")
-    yield lines
-    logger.remove(sink)
 
 
 @pytest.fixture
