@@ -199,3 +199,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     if report.failed and call.when == "call":
         dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
         report.sections.append(("dmesg (last 40 lines)", "\n".join(dmesg.splitlines()[-40:])))
+
+
+_module_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    module = report.nodeid.split("::")[0]
+    _module_seconds[module] = _module_seconds.get(module, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Seconds per module, the figures MODULE_WEIGHT should follow."""
+    if _module_seconds:
+        terminalreporter.section("seconds per module")
+        for module, secs in sorted(_module_seconds.items(), key=lambda kv: -kv[1]):
+            terminalreporter.write_line(f"{secs:7.0f}  {module}")

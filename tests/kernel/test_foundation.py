@@ -130,8 +130,9 @@ def test_usbipx_end_to_end_and_detach(stub_disk, daemons) -> None:
     (port, _), = vhci_used_ports()
     usbipx("detach", "-p", str(port))
     assert vhci_used_ports() == []
+    # As Debian's usbip: detaching a free port again is "already detached", status 0.
     res = usbipx("detach", "-p", str(port), check=False)
-    assert res.returncode != 0 and "not in use" in res.stderr
+    assert res.returncode == 0 and "already detached" in res.stdout, res
 
 
 @pytest.mark.parametrize(("args", "needle"), [
@@ -139,7 +140,7 @@ def test_usbipx_end_to_end_and_detach(stub_disk, daemons) -> None:
     (["bind", "-b", "../../etc"], "bad bus id"),
     (["unbind", "-b", "1-1"], "not bound to usbip-host"),
     (["attach", "-r", "127.0.0.1", "-b", "1-1"], "cannot connect"),
-    (["detach", "-p", "5"], "not in use"),
+    (["detach", "-p", "999"], "vhci_hcd has no port 999"),
     (["list"], "choose exactly one"),
     (["usbipd", "-D", "-P", "/no/such/dir/u.pid"], "cannot open pid file /no/such/dir/u.pid"),
 ])
