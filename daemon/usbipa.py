@@ -14,14 +14,14 @@ in VDEV_ST_ERROR -- is replaced.  After a link cut the device side's
 re-export is refused until the keepalive has killed the old port (about
 13 s), and then succeeds on retry.
 
-Order matters on export.  Over plain TCP (and a TLS relay) the device is
-attached *before* the reply is sent, so a refusal (no free port, kernel
-error) reaches the device side; the reply still wins the race against the
-first URB: after ``attach`` the hub driver debounces the new connection for
-at least 100 ms before it sends anything, and the reply leaves in the same
-call.  Under kernel TLS the reply goes first (see
-:mod:`usbipx.daemon.serving`), so everything that can be refused is
-checked before replying, a free port included.
+Order matters on export.  vhci_hcd starts enumerating the moment it has the
+socket, and its first URB must not reach the device side ahead of
+OP_REP_EXPORT (under load it did: "unsupported USB/IP version 0x0000").  So
+the reply goes first, over plain TCP as over kernel TLS, and everything that
+can be refused (policy, limits, a free port) is checked before replying.  A
+kernel refusal after the reply closes the connection, which tells the device
+side.  Only a TLS relay attaches before replying: the relay holds the first
+URB back until the reply is out.
 """
 
 from __future__ import annotations

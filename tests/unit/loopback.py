@@ -30,6 +30,27 @@ from usbipx.vhci import VhciDriver
 
 HOST = "127.0.0.1"
 
+HANDOFF_LAG = 0.05
+"""Seconds a reply-first handoff waits after the reply.  The client may then act
+on the reply before the server attaches (as it may on a real board): a test that
+reads the server's effects must wait for :meth:`LoopbackServer.idle`, and one
+that forgets fails every time instead of once in a while."""
+
+
+def _lagging(handler: Handler) -> Handler:
+    def call(req: p.Request, peer: Peer) -> Outcome:
+        out = handler(req, peer)
+        give = out.handoff
+        if give is not None and out.reply_first:
+            def handoff(fd: int, transport: str) -> p.Reply | None:
+                time.sleep(HANDOFF_LAG)
+                return give(fd, transport)
+
+            out.handoff = handoff
+        return out
+
+    return call
+
 
 class Spy:
     """Wraps a handler to keep the requests, peers and the descriptors the server
@@ -77,7 +98,8 @@ class LoopbackServer:
         cfg.setdefault("port", 0)
         cfg.setdefault("ipv6", False)
         cfg.setdefault("bind_address", HOST)
-        self.server = Server(name, handler, ServerConfig(**cfg), refuse_peer, refuse_identity)
+        self.server = Server(name, _lagging(handler), ServerConfig(**cfg), refuse_peer,
+                             refuse_identity)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"server-{name}", daemon=True)
@@ -114,6 +136,10 @@ class LoopbackServer:
             if time.monotonic() > deadline:
                 raise AssertionError("server did not reach the expected state in time")
             time.sleep(0.01)
+
+    def idle(self, timeout: float = 5.0) -> None:
+        """Wait until no connection is being served: every handoff has happened."""
+        self.wait_for(lambda s: s.active == 0, timeout)
 
     def __enter__(self) -> LoopbackServer:
         self.server.open()

@@ -540,6 +540,7 @@ def test_connect_and_disconnect(kernel: FakeKernel, usbipa: LoopbackServer) -> N
     t = str(usbipa.port)
     assert ok(run(kernel, "-t", t, "connect", "-r", HOST, "-b", "1-1",
                   "--keepalive", "5,3,3")) == f"exported 1-1 to 127.0.0.1:{t}\n"
+    usbipa.idle()
     assert kernel.driver_of("1-1") == "usbip-host"
     assert kernel.stub_status["1-1"] == 2
     assert kernel.exists(f"{STATE_DIR}/port0")

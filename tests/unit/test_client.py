@@ -250,13 +250,17 @@ UNBIND_WRITES = [
 def test_export_binds_then_hands_off(kernel: FakeKernel, usbipa) -> None:
     srv, spy = usbipa
     res = export_device(R(srv.port), "1-1", HostDriver(kernel.sysfs))
+    srv.idle()
     assert res == Exported(HOST, "1-1", Lease("usbip-host", "1-1", bound_here=True,
                                                original_driver="usb"))
     (req, peer, server_fd), = spy.calls
     assert isinstance(req, p.ExportRequest) and req.device.busid == "1-1"
-    client_fd = int(kernel.writes[-1][1])
-    assert kernel.writes == [*EXPORT_WRITES, (ATTACH, f"0 {server_fd} 65538 3"),
-                             (SOCKFD_1_1, str(client_fd))]
+    n = len(EXPORT_WRITES)
+    assert kernel.writes[:n] == EXPORT_WRITES
+    # The reply goes out before usbipa attaches: either side may write first.
+    (client_fd,) = [int(v) for path, v in kernel.writes[n:] if path == SOCKFD_1_1]
+    assert sorted(kernel.writes[n:]) == sorted([(ATTACH, f"0 {server_fd} 65538 3"),
+                                                (SOCKFD_1_1, str(client_fd))])
     assert records(kernel) == {"port0": f"127.0.0.1 {peer.port} 1-1\n"}
     assert kernel.driver_of("1-1") == "usbip-host"
     assert kernel.stub_status["1-1"] == 2
@@ -265,8 +269,9 @@ def test_export_binds_then_hands_off(kernel: FakeKernel, usbipa) -> None:
 @pytest.mark.scenario("host_bound", "vhci_free")
 def test_export_of_a_device_already_bound(kernel: FakeKernel, usbipa) -> None:
     res = export_device(R(usbipa[0].port), "1-1", HostDriver(kernel.sysfs))
+    usbipa[0].idle()
     assert res.bound_here is False
-    assert [path for path, _ in kernel.writes] == [ATTACH, SOCKFD_1_1]
+    assert sorted(path for path, _ in kernel.writes) == sorted([ATTACH, SOCKFD_1_1])
 
 
 @pytest.mark.scenario("host_unbound", "vhci_free")
@@ -336,12 +341,14 @@ def test_export_of_a_device_in_use_is_busy_before_connecting(kernel: FakeKernel,
 def test_export_vudc(kernel: FakeKernel, usbipa) -> None:
     srv, spy = usbipa
     res = export_device(R(srv.port), V0, VudcDriver(kernel.sysfs))
+    srv.idle()
     assert res == Exported(HOST, V0, Lease("usbip-vudc", V0, gadget="v1"))
     server_fd = spy.fds[0]
-    client_fd = int(kernel.writes[-1][1])
+    sockfd = f"{PLATFORM}/{V0}/usbip_sockfd"
+    (client_fd,) = [v for path, v in kernel.writes if path == sockfd]
     # A vUDC's record has bus/dev 0: vhci attaches it with devid 0.
-    assert kernel.writes == [(ATTACH, f"0 {server_fd} 0 3"),
-                             (f"{PLATFORM}/{V0}/usbip_sockfd", str(client_fd))]
+    assert sorted(kernel.writes) == sorted([(ATTACH, f"0 {server_fd} 0 3"),
+                                            (sockfd, client_fd)])
     assert next(iter(records(kernel).values())).endswith(f" {V0}\n")
 
 
@@ -367,6 +374,7 @@ def test_unexport_detaches_and_leaves_the_driver_alone(kernel: FakeKernel, usbip
     is released."""
     srv, spy = usbipa
     export_device(R(srv.port), "1-1", HostDriver(kernel.sysfs))
+    srv.idle()
     kernel.clear_log()
     unexport_device(R(srv.port), "1-1", HostDriver(kernel.sysfs))
     assert isinstance(spy.calls[-1][0], p.UnexportRequest)
@@ -381,6 +389,7 @@ def test_withdraw_gives_back_a_device_connect_bound(kernel: FakeKernel, usbipa) 
     srv, _ = usbipa
     store = export_records(kernel.sysfs)
     export_device(R(srv.port), "1-1", HostDriver(kernel.sysfs), store=store)
+    srv.idle()
     rec = store.read("1-1")
     assert rec is not None and rec.lease == Lease("usbip-host", "1-1", bound_here=True,
                                                   original_driver="usb")
@@ -400,6 +409,7 @@ def test_withdraw_leaves_a_device_the_user_bound_on_usbip_host(kernel: FakeKerne
     srv, _ = usbipa
     store = export_records(kernel.sysfs)
     export_device(R(srv.port), "1-1", HostDriver(kernel.sysfs), store=store)
+    srv.idle()
     assert store.read("1-1") is None  # nothing taken, nothing recorded
     kernel.clear_log()
     assert withdraw(R(srv.port), "1-1", HostDriver(kernel.sysfs), store) is None
@@ -419,6 +429,7 @@ def test_a_failed_export_forgets_its_record(kernel: FakeKernel) -> None:
 @pytest.mark.scenario("vudc", "vhci_free")
 def test_unexport_vudc(kernel: FakeKernel, usbipa) -> None:
     export_device(R(usbipa[0].port), V0, VudcDriver(kernel.sysfs))
+    usbipa[0].idle()
     kernel.clear_log()
     unexport_device(R(usbipa[0].port), V0, VudcDriver(kernel.sysfs))
     assert kernel.writes == [(DETACH, "0")]  # the vUDC sees its connection end
@@ -437,6 +448,7 @@ def test_unexport_refused_keeps_the_export_unless_forced(kernel: FakeKernel, usb
     srv, _ = usbipa
     host = HostDriver(kernel.sysfs)
     export_device(R(srv.port), "1-1", host)
+    srv.idle()
     kernel.vhci_unplug(0)  # usbipa no longer knows the device
     kernel.clear_log()
     with pytest.raises(RemoteError, match="ST_NODEV"):

@@ -133,6 +133,7 @@ def test_usbipa_counts_attaches_refusals_and_active_exports(kernel: FakeKernel) 
         r = Remote.tcp(HOST, srv.port)
         export_device(r, "1-1", host)
         export_device(r, "2-1", host)
+        srv.idle()
         assert value(m, "usbipx_attaches_total") == 2
         assert value(m, "usbipx_exports_active", peer="127.0.0.1") == 2
         # A refusal: the device is already attached and alive.

@@ -102,6 +102,7 @@ def test_stub_export_binds_exports_and_cleans_up(kernel: FakeKernel, ssys: Seria
     w = WorkerThread(stub_job(srv.port), ssys)
     with w:
         w.wait_for("exported")
+        srv.idle()
         # The ownership record is on disk before the device is bound.
         assert len(at_bind) == 1 and at_bind[0] is not None
         assert at_bind[0]["key"] == KEY
@@ -172,6 +173,7 @@ def test_a_live_export_is_adopted_not_exported_again(kernel: FakeKernel, ssys: S
     w = WorkerThread(stub_job(srv.port), ssys)
     with w:
         w.wait_for("exported")
+        srv.idle()
         assert w.states() == ["exported"]
         assert w.reports[0]["remote"] == f"127.0.0.1:{srv.port}"
         time.sleep(0.05)  # a few polls: the export is still there
@@ -190,6 +192,7 @@ def test_a_dropped_export_is_exported_again(kernel: FakeKernel, ssys: SerialSysf
     w = WorkerThread(stub_job(srv.port), ssys)
     with w:
         first = w.wait_for("exported")
+        srv.idle()
         # The link dies: the application side's kernel frees its port (usbipa refuses
         # a re-export while the old port is alive), the device side's drops the export.
         kernel.vhci_unplug(0)
@@ -197,6 +200,7 @@ def test_a_dropped_export_is_exported_again(kernel: FakeKernel, ssys: SerialSysf
         back = w.wait_for("backoff", first)
         assert w.reports[back]["error"] == "export dropped: connection closed"
         again = w.wait_for("exported", back)
+        srv.idle()
         assert w.states()[back:again + 1] == ["backoff", "exporting", "exported"]
         assert kernel.stub_status["1-1"] == 2
         # usbipa attached the device afresh
@@ -219,6 +223,7 @@ def test_an_absent_device_is_waited_for(kernel: FakeKernel, ssys: SerialSysfs, u
         assert spy.calls == []
         replug(kernel, saved)
         w.wait_for("exported", i)
+        srv.idle()
         assert w.states() == ["waiting", "exporting", "exported"]
         assert kernel.driver_of("1-1") == "usbip-host"
         w.stop()
@@ -232,6 +237,7 @@ def test_unplugged_while_exported(kernel: FakeKernel, ssys: SerialSysfs, usbipa)
     w = WorkerThread(stub_job(srv.port), ssys)
     with w:
         first = w.wait_for("exported")
+        srv.idle()
         saved = unplug(kernel, "1-1")
         i = w.wait_for("waiting", first)
         assert w.reports[i]["error"] == "device unplugged"
@@ -242,6 +248,7 @@ def test_unplugged_while_exported(kernel: FakeKernel, ssys: SerialSysfs, usbipa)
         # Plugged back in: usbip-host takes it (still in match_busid); exported again.
         replug(kernel, saved)
         w.wait_for("exported", i)
+        srv.idle()
         assert len(requests(spy, p.ExportRequest)) == 2
         w.stop()
     assert kernel.driver_of("1-1") == "usb"
@@ -254,10 +261,12 @@ def test_a_device_unbound_behind_the_workers_back_is_exported_again(
     w = WorkerThread(stub_job(srv.port), ssys)
     with w:
         first = w.wait_for("exported")
+        srv.idle()
         kernel.vhci_unplug(0)  # the application side sees the connection end
         HostDriver(ssys).unbind("1-1")  # e.g. `usbipx unbind`, or another worker
         try:
             w.wait_for("exported", w.wait_for("backoff", first, timeout=0.5), timeout=2.0)
+            srv.idle()
             assert kernel.driver_of("1-1") == "usbip-host" and kernel.stub_status["1-1"] == 2
         finally:
             w.stop()
@@ -300,6 +309,7 @@ def test_gadget_export_provisions_a_free_vudc_and_removes_it_on_stop(
     w = WorkerThread(gadget_job(srv.port), gsys)
     with w:
         w.wait_for("exported")
+        srv.idle()
         assert at_mkdir[0] is not None and at_mkdir[0]["lease"]["created_here"] is True
         assert w.states() == ["exporting", "exported"]
         # usbip-vudc.0 is held by another gadget: the free usbip-vudc.1 is used
@@ -328,6 +338,7 @@ def test_a_gadget_that_was_there_before_is_left_in_place(
     w = WorkerThread(gadget_job(srv.port), gsys)
     with w:
         w.wait_for("exported")
+        srv.idle()
         rec = read_record(STATE, "gadget:sup")
         assert rec is not None and rec["lease"]["created_here"] is False
         w.stop()
@@ -343,10 +354,12 @@ def test_a_dropped_gadget_export_is_exported_again(
     w = WorkerThread(gadget_job(srv.port, udc=V1), gsys)
     with w:
         first = w.wait_for("exported")
+        srv.idle()
         kernel.vhci_unplug(0)  # both sides see the connection end
         kernel.vudc[V1].connected = False  # the vUDC saw its connection end
         kernel.set_attr(f"{PLATFORM}/{V1}/usbip_status", "1\n")
         w.wait_for("exported", w.wait_for("backoff", first))
+        srv.idle()
         assert len(requests(spy, p.ExportRequest)) == 2 and kernel.vudc[V1].connected
         w.stop()
     assert list_gadgets(gsys) == []
@@ -359,6 +372,7 @@ def test_a_gadget_unbound_by_someone_else_is_an_unplugged_device(
     w = WorkerThread(gadget_job(srv.port), gsys)
     with w:
         first = w.wait_for("exported")
+        srv.idle()
         gsys.write(f"{GADGETS}/sup/UDC", "\n")
         i = w.wait_for("waiting", first)
         assert w.reports[i]["error"] == "device unplugged"
@@ -617,6 +631,7 @@ def test_an_export_to_an_earlier_server_is_moved(kernel: FakeKernel, ssys: Seria
     w = WorkerThread(stub_job(srv.port), ssys)
     with w:
         w.wait_for("exported")
+        srv.idle()
         assert ("/sys/bus/usb/devices/1-1/usbip_sockfd", "-1") in kernel.writes
         assert spy.kinds() == ["ExportRequest"]
         assert w.reports[-1]["remote"] == f"127.0.0.1:{srv.port}"
@@ -632,6 +647,7 @@ def test_a_device_bound_before_the_supervisor_stays_bound(kernel: FakeKernel, ss
     w = WorkerThread(stub_job(srv.port), ssys)
     with w:
         w.wait_for("exported")
+        srv.idle()
         assert kernel.stub_status["1-1"] == 2
         w.stop()
     assert spy.kinds() == ["ExportRequest", "UnexportRequest"]
@@ -656,12 +672,14 @@ def test_the_first_server_that_accepts_holds_the_device_and_a_loss_moves_on(
         w = WorkerThread(job, ssys)
         with w:
             first = w.wait_for("exported")
+            b.idle()
             assert w.reports[first]["remote"] == f"{HOST}:{b.port}"
             assert deny.kinds() == ["ExportRequest"] and allow.kinds() == ["ExportRequest"]
             a.server.handler = allow  # a accepts from now on
             kernel.vhci_unplug(0)  # the application side lets go of the dead link ...
             drop_export(kernel, "1-1")  # ... and the board's kernel sees it end
             again = w.wait_for("exported", w.wait_for("backoff", first))
+            a.idle()
             assert w.reports[again]["remote"] == f"{HOST}:{a.port}"
             rec = read_record(STATE, KEY)
             assert rec is not None and rec["remote"] == f"{HOST}:{a.port}"
