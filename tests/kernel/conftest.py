@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -190,15 +191,37 @@ def _expired(ca: Path, name: str) -> None:
                                    serialization.NoEncryption()))
 
 
+_test_started: dict[str, float] = {}
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # printk stamps are seconds since boot on the monotonic clock, as this is.
+    _test_started[item.nodeid] = time.monotonic()
+
+
+def _kernel_log_since(started: float, limit: int = 250) -> str:
+    lines = []
+    for line in subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines():
+        stamp = line[1:line.find("]")].strip() if line.startswith("[") else ""
+        try:
+            if float(stamp) >= started - 1.0:
+                lines.append(line)
+        except ValueError:
+            continue
+    cut = len(lines) - limit
+    return "\n".join(([f"... {cut} earlier lines left out"] if cut > 0 else []) + lines[-limit:])
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
-    """A failed kernel test shows the kernel's last words: most lab failures are
-    explained there (a reset device, a refused sockfd), not in the traceback."""
+    """A failed kernel test shows what the kernel said while it ran: most lab
+    failures are explained there (a reset device, a refused sockfd), not in the
+    traceback."""
     outcome = yield
     report = outcome.get_result()
     if report.failed and call.when == "call":
-        dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
-        report.sections.append(("dmesg (last 40 lines)", "\n".join(dmesg.splitlines()[-40:])))
+        started = _test_started.get(item.nodeid, 0.0)
+        report.sections.append(("kernel log during the test", _kernel_log_since(started)))
 
 
 _module_seconds: dict[str, float] = {}
