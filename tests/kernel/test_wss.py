@@ -271,7 +271,10 @@ def test_failover_between_urls(tmp_path: Path, daemons, pki) -> None:
 def _vhci_heads() -> list[bytes]:
     from labkit import block_devices_under, read_block
 
-    disks = wait_for(lambda: (x := block_devices_under("vhci_hcd")) and len(x) >= 2 and x, 60,
+    # Generous: after the first server died, the hub may still be tearing down its
+    # two disks (SCSI timeouts) when the new ones arrive; with two lab VMs sharing
+    # the CPUs that took more than 60 s twice.
+    disks = wait_for(lambda: (x := block_devices_under("vhci_hcd")) and len(x) >= 2 and x, 180,
                      0.2, "two disks on the vhci side")
     return [read_block(dd, 1 << 20) for dd in disks]
 
