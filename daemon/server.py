@@ -111,7 +111,6 @@ class Server:
         self._listeners: list[tuple[socket.socket, Endpoint]] = []
         self._wss: list[WssListener] = []
         self._failure: BaseException | None = None
-        self._handoff_lock = asyncio.Lock()
         self._relays: set[threading.Event] = set()
         self._tls_context: ssl.SSLContext | None = None
 
@@ -279,8 +278,9 @@ class Server:
                 await self._send_tls(conn, engine, outcome.reply.pack(), peer)
                 self.served += 1
                 return False
-            async with self._handoff_lock:
-                kept = await self._tls_handoff(conn, engine, peer, outcome)
+            # No lock across connections: vhci_hcd's attach skips a port another
+            # connection took meanwhile (usbipx.vhci), so handoffs may interleave.
+            kept = await self._tls_handoff(conn, engine, peer, outcome)
             return kept
         finally:
             if not kept:

@@ -128,19 +128,18 @@ class WssListener:
                 return
             from usbipx.relay import relay_pair
 
-            async with srv._handoff_lock:
-                kernel_end, relay_end = relay_pair()
-                try:
-                    failed = outcome.handoff(kernel_end.fileno(), "wss-relay")
-                finally:
-                    kernel_end.close()  # the kernel holds its own reference
-                try:
-                    await ws.send((failed or outcome.reply).pack())
-                except ConnectionClosed:
-                    if failed is None and outcome.undo is not None:
-                        outcome.undo()
-                    relay_end.close()
-                    return
+            kernel_end, relay_end = relay_pair()
+            try:
+                failed = outcome.handoff(kernel_end.fileno(), "wss-relay")
+            finally:
+                kernel_end.close()  # the kernel holds its own reference
+            try:
+                await ws.send((failed or outcome.reply).pack())
+            except ConnectionClosed:
+                if failed is None and outcome.undo is not None:
+                    outcome.undo()
+                relay_end.close()
+                return
             if failed is not None:
                 relay_end.close()
                 return
