@@ -110,6 +110,9 @@ class VhciDriver:
 
     def __init__(self, sysfs: Sysfs | None = None) -> None:
         self.sysfs = sysfs or Sysfs()
+        self._attached_at: dict[int, int] = {}
+        """Port -> sequence number of our latest attach to it (see :meth:`free_port`)."""
+        self._attaches = 0
 
     def check_loaded(self) -> None:
         if not self.sysfs.is_dir(VHCI0):
@@ -153,13 +156,23 @@ class VhciDriver:
 
     def free_port(self, speed: Speed, ports: list[VhciPort] | None = None,
                   exclude: set[int] | None = None) -> int:
-        """The lowest free port of the hub type ``speed`` needs (in ``ports`` if given),
-        other than those in ``exclude``."""
+        """A free port of the hub type ``speed`` needs (in ``ports`` if given), other
+        than those in ``exclude``: the lowest one this driver never attached to, else
+        the one it attached to longest ago.
+
+        Why not simply the lowest: a link that dies while the hub enumerates its
+        device leaves a control URB behind on that port.  A new connection attached
+        there at once gets that URB's unlink, its peer knows nothing of it, and the
+        hub waits for ever (seen in the lab: a board failing over between two usbipa
+        on one host).  A port left alone frees the URB within seconds.  A one-shot
+        command has no history and takes the lowest, as Debian's tools do.
+        """
         hub = hub_for(speed)
-        for p in self.ports() if ports is None else ports:
-            if p.hub == hub and p.free and p.port not in (exclude or ()):
-                return p.port
-        raise NoFreePort(f"no free {hub} port on vhci_hcd for a {speed.label} device")
+        free = [p.port for p in (self.ports() if ports is None else ports)
+                if p.hub == hub and p.free and p.port not in (exclude or ())]
+        if not free:
+            raise NoFreePort(f"no free {hub} port on vhci_hcd for a {speed.label} device")
+        return min(free, key=lambda n: (self._attached_at.get(n, -1), n))
 
     def attach(self, sockfd: int, device: UsbDevice, host: str, service: str,
                ports: list[VhciPort] | None = None, transport: str = "tcp",
@@ -190,6 +203,8 @@ class VhciDriver:
                     continue
                 raise with_context(exc, f"attach {device.busid} to vhci port {port}") from exc
             break
+        self._attaches += 1
+        self._attached_at[port] = self._attaches
         try:
             self.write_record(port, PortRecord(host, service, device.busid, transport, identity))
         except (UsbipError, OSError) as exc:

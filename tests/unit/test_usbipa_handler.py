@@ -304,10 +304,11 @@ def test_attachment_in_error_state_is_replaced(kernel: FakeKernel, vhci: VhciDri
     again = Peer(A.host, 40999)  # the device side reconnected from a new port
     out, new = export(h, new_sock, D11, again)
     assert out.reply.status == p.Status.ST_OK
-    assert kernel.writes == [(DETACH, "1"), (ATTACH, f"1 {new.fileno()} 65538 3")]
-    assert kernel.vhci_port(1).sockfd == new.fileno() != old.fileno()
-    assert record(kernel, 1) == "10.0.0.5 40999 1-1\n"
-    assert used_ports(kernel) == [0, 1]
+    # Not on the dead link's port: see VhciDriver.free_port.
+    assert kernel.writes == [(DETACH, "1"), (ATTACH, f"2 {new.fileno()} 65538 3")]
+    assert kernel.vhci_port(2).sockfd == new.fileno() != old.fileno()
+    assert record(kernel, 2) == "10.0.0.5 40999 1-1\n"
+    assert used_ports(kernel) == [0, 2]
     assert any("replacing dead attachment of 1-1 from 10.0.0.5 on port 1" in m for m in logs)
 
 
@@ -337,8 +338,8 @@ def test_gone_attachment_is_attached_afresh(kernel: FakeKernel, vhci: VhciDriver
     kernel.clear_log()
     out, s = export(h, new_sock, D11, Peer(A.host, 40100))
     assert out.reply.status == p.Status.ST_OK
-    assert kernel.writes == [(ATTACH, f"0 {s.fileno()} 65538 3")]
-    assert record(kernel, 0) == "10.0.0.5 40100 1-1\n"
+    assert kernel.writes == [(ATTACH, f"1 {s.fileno()} 65538 3")]  # not the port just freed
+    assert record(kernel, 1) == "10.0.0.5 40100 1-1\n"
 
 
 def test_same_busid_from_another_peer_is_another_device(kernel: FakeKernel, vhci: VhciDriver,
@@ -381,8 +382,8 @@ def test_export_after_the_kernel_freed_the_port_attaches_afresh(kernel: FakeKern
     kernel.clear_log()
     out, s = export(h, new_sock, D11, Peer(A.host, 40100))
     assert out.reply.status == p.Status.ST_OK
-    assert kernel.writes == [(ATTACH, f"0 {s.fileno()} 65538 3")]  # no detach of a free port
-    assert record(kernel, 0) == "10.0.0.5 40100 1-1\n"
+    assert kernel.writes == [(ATTACH, f"1 {s.fileno()} 65538 3")]  # no detach of a free port
+    assert record(kernel, 1) == "10.0.0.5 40100 1-1\n"
 
 
 def test_unexport_prunes_too(kernel: FakeKernel, vhci: VhciDriver, new_sock) -> None:

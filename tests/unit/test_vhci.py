@@ -198,6 +198,29 @@ def test_attach_of_a_vudc_device_uses_devid_0(kernel: FakeKernel, vhci: VhciDriv
 
 
 @pytest.mark.scenario("vhci_free")
+def test_a_port_just_freed_is_reused_last(kernel: FakeKernel, vhci: VhciDriver) -> None:
+    """A link that died while the hub was enumerating its device leaves an URB behind
+    on that port; attaching a new connection there at once hands the URB's unlink to
+    the wrong peer and the hub waits for ever (seen in the lab after a failover).
+    A long-lived VhciDriver (usbipa) therefore takes the free port it used longest ago."""
+    assert vhci.attach(3, device(), "127.0.0.1", "3240") == 0
+    assert vhci.attach(4, device(busid="2-1", busnum=2), "127.0.0.1", "3240") == 1
+    kernel.vhci_unplug(0)  # the link of port 0 dies
+    assert vhci.attach(5, device(), "127.0.0.1", "3240") == 2
+    kernel.vhci_unplug(1)
+    kernel.vhci_unplug(2)
+    # Ports never used come first, in order; then the one used longest ago.
+    hs = [p.port for p in vhci.ports() if p.hub == "hs"]
+    used = [vhci.attach(6 + k, device(busid=f"{3 + k}-1", busnum=3 + k), "h", "1")
+            for k in range(len(hs) - 1)]
+    assert used == [*hs[3:], 0, 1]
+    # A new driver (a one-shot `attach`) knows no history: the lowest free port.
+    kernel.vhci_unplug(3)
+    assert [p.port for p in vhci.ports() if p.hub == "hs" and p.free] == [2, 3]
+    assert VhciDriver(kernel.sysfs).attach(20, device(busid="9-1", busnum=9), "h", "1") == 2
+
+
+@pytest.mark.scenario("vhci_free")
 def test_attach_race_ebusy_picks_the_next_port(kernel: FakeKernel, vhci: VhciDriver) -> None:
     """Another process takes port 0 between our status read and our write."""
     kernel.before_write(ATTACH, lambda k, w: k.vhci_plug(0, devid=0x00050007, sockfd=11))

@@ -203,9 +203,9 @@ def test_a_dropped_export_is_exported_again(kernel: FakeKernel, ssys: SerialSysf
         srv.idle()
         assert w.states()[back:again + 1] == ["backoff", "exporting", "exported"]
         assert kernel.stub_status["1-1"] == 2
-        # usbipa attached the device afresh
+        # usbipa attached the device afresh (on another port than the dead link's)
         assert len(requests(spy, p.ExportRequest)) == 2
-        assert used_ports(kernel) == [0]
+        assert used_ports(kernel) == [1]
         w.stop()
     assert kernel.driver_of("1-1") == "usb"
 
@@ -550,8 +550,8 @@ class TestLiveWorkers:
             proc.kill()
             proc.wait()
         assert cleaned == [KEY] and not rec.exists()
-        assert ended == 0, "the clean-up did not wait for the live worker"
-        assert took < 3.0
+        # Ended by itself (0), not killed (-9) after the grace period: the clean-up waited.
+        assert ended == 0, f"the clean-up returned after {took:.2f} s with the worker at {ended}"
 
     def test_a_worker_that_cleans_up_after_itself(self, tmp_path: Path) -> None:
         state = str(tmp_path / "state")
