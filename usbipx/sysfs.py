@@ -191,6 +191,13 @@ class Sysfs:
         except OSError as exc:
             raise kernel_error(exc, str(rel), "list") from exc
 
+    def mtime(self, rel: str | PurePosixPath) -> float | None:
+        """When ``rel`` (not followed if a symlink) was last modified; None if missing."""
+        try:
+            return self.path(rel).lstat().st_mtime
+        except FileNotFoundError:
+            return None
+
     def is_symlink(self, rel: str | PurePosixPath) -> bool:
         """Whether ``rel`` itself is a symlink (a configfs link into functions/)."""
         return self.path(rel).is_symlink()

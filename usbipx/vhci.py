@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import re
+import time
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -110,9 +111,8 @@ class VhciDriver:
 
     def __init__(self, sysfs: Sysfs | None = None) -> None:
         self.sysfs = sysfs or Sysfs()
-        self._attached_at: dict[int, int] = {}
-        """Port -> sequence number of our latest attach to it (see :meth:`free_port`)."""
-        self._attaches = 0
+        self._used_at: dict[int, float] = {}
+        """Port -> when (wall clock) it was last known in use (see :meth:`free_port`)."""
 
     def check_loaded(self) -> None:
         if not self.sysfs.is_dir(VHCI0):
@@ -157,22 +157,27 @@ class VhciDriver:
     def free_port(self, speed: Speed, ports: list[VhciPort] | None = None,
                   exclude: set[int] | None = None) -> int:
         """A free port of the hub type ``speed`` needs (in ``ports`` if given), other
-        than those in ``exclude``: the lowest one this driver never attached to, else
-        the one it attached to longest ago.
+        than those in ``exclude``: the lowest one not known to have been used, else
+        the one used longest ago.
 
         Why not simply the lowest: a link that dies while the hub enumerates its
-        device leaves a control URB behind on that port.  A new connection attached
-        there at once gets that URB's unlink, its peer knows nothing of it, and the
+        device leaves a control URB on that port.  A new connection attached there
+        within seconds gets that URB's unlink, its peer knows nothing of it, and the
         hub waits for ever (seen in the lab: a board failing over between two usbipa
-        on one host).  A port left alone frees the URB within seconds.  A one-shot
-        command has no history and takes the lowest, as Debian's tools do.
+        on one host).  A port left alone gives the URB back within seconds.  A port
+        was in use when this driver attached to it, or when a record of it was
+        written (by any process: a record outlives the link that freed its port).
         """
         hub = hub_for(speed)
         free = [p.port for p in (self.ports() if ports is None else ports)
                 if p.hub == hub and p.free and p.port not in (exclude or ())]
         if not free:
             raise NoFreePort(f"no free {hub} port on vhci_hcd for a {speed.label} device")
-        return min(free, key=lambda n: (self._attached_at.get(n, -1), n))
+        return min(free, key=lambda n: (self._last_use(n), n))
+
+    def _last_use(self, port: int) -> float:
+        written = self.sysfs.mtime(self._record_path(port))
+        return max(self._used_at.get(port, -1.0), -1.0 if written is None else written)
 
     def attach(self, sockfd: int, device: UsbDevice, host: str, service: str,
                ports: list[VhciPort] | None = None, transport: str = "tcp",
@@ -203,8 +208,7 @@ class VhciDriver:
                     continue
                 raise with_context(exc, f"attach {device.busid} to vhci port {port}") from exc
             break
-        self._attaches += 1
-        self._attached_at[port] = self._attaches
+        self._used_at[port] = time.time()
         try:
             self.write_record(port, PortRecord(host, service, device.busid, transport, identity))
         except (UsbipError, OSError) as exc:
@@ -268,6 +272,7 @@ class VhciDriver:
         used = {p.port for p in ports if not p.free}
         for name in self.sysfs.listdir(STATE_DIR):
             if name.startswith("port") and name[4:].isdigit() and int(name[4:]) not in used:
+                self._used_at[int(name[4:])] = self._last_use(int(name[4:]))
                 self.remove_record(int(name[4:]))
         return self.imported(ports)
 

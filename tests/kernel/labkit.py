@@ -120,6 +120,18 @@ def block_devices_under(fragment: str) -> list[str]:
     return out
 
 
+def tls_stat() -> dict[str, int]:
+    """The kernel TLS counters (cumulative since boot).  Before the first kernel TLS
+    socket the ``tls`` module is not loaded and there is no file: every counter is 0."""
+    from collections import Counter
+
+    path = Path("/proc/net/tls_stat")
+    if not path.exists():
+        return Counter()
+    return Counter({k: int(v) for k, v in (line.split() for line in
+                                           path.read_text().splitlines())})
+
+
 def read_block(dev: str, size: int) -> bytes:
     with open(dev, "rb", buffering=0) as fh:
         return fh.read(size)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from labkit import wait_for
+from labkit import tls_stat, wait_for
 
 from usbipx import ktls, pki, tlsconf
 from usbipx.tlsengine import TlsEngine
@@ -44,14 +44,6 @@ def contexts(ca: Path, tls12: str | None) -> tuple[ssl.SSLContext, ssl.SSLContex
         cctx.maximum_version = ssl.TLSVersion.TLSv1_2
         sctx.set_ciphers(tls12)
     return cctx, sctx
-
-
-def tls_stat() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/net/tls_stat").read_text().splitlines():
-        name, value = line.split()
-        out[name] = int(value)
-    return out
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:

@@ -30,6 +30,7 @@ from labkit import (
     mass_storage_gadget,
     netns_up,
     stub_status,
+    tls_stat,
     usb_busid_on_udc,
     usbipx,
     vhci_used_ports,
@@ -40,11 +41,6 @@ from labkit import (
 
 def tls_daemon(daemons, kind: str, pki: dict[str, Path], *extra: str, cert: str = "server"):
     return daemons(kind, "--listen", "tls://127.0.0.1", *creds(pki, cert), *extra)
-
-
-def tls_stat() -> dict[str, int]:
-    text = Path("/proc/net/tls_stat").read_text()
-    return {k: int(v) for k, v in (line.split() for line in text.splitlines())}
 
 
 def port_transport() -> str:

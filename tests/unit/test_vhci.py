@@ -202,22 +202,37 @@ def test_a_port_just_freed_is_reused_last(kernel: FakeKernel, vhci: VhciDriver) 
     """A link that died while the hub was enumerating its device leaves an URB behind
     on that port; attaching a new connection there at once hands the URB's unlink to
     the wrong peer and the hub waits for ever (seen in the lab after a failover).
-    A long-lived VhciDriver (usbipa) therefore takes the free port it used longest ago."""
+    So the free port used longest ago is taken, ports never used first."""
     assert vhci.attach(3, device(), "127.0.0.1", "3240") == 0
     assert vhci.attach(4, device(busid="2-1", busnum=2), "127.0.0.1", "3240") == 1
     kernel.vhci_unplug(0)  # the link of port 0 dies
     assert vhci.attach(5, device(), "127.0.0.1", "3240") == 2
     kernel.vhci_unplug(1)
     kernel.vhci_unplug(2)
-    # Ports never used come first, in order; then the one used longest ago.
+    vhci.prune_records()  # the records go; what they said is remembered
+    assert [vhci.read_record(n) for n in (0, 1, 2)] == [None, None, None]
     hs = [p.port for p in vhci.ports() if p.hub == "hs"]
     used = [vhci.attach(6 + k, device(busid=f"{3 + k}-1", busnum=3 + k), "h", "1")
             for k in range(len(hs) - 1)]
     assert used == [*hs[3:], 0, 1]
-    # A new driver (a one-shot `attach`) knows no history: the lowest free port.
-    kernel.vhci_unplug(3)
-    assert [p.port for p in vhci.ports() if p.hub == "hs" and p.free] == [2, 3]
-    assert VhciDriver(kernel.sysfs).attach(20, device(busid="9-1", busnum=9), "h", "1") == 2
+
+
+@pytest.mark.scenario("vhci_free")
+def test_a_port_another_process_used_is_reused_last(kernel: FakeKernel,
+                                                    vhci: VhciDriver) -> None:
+    """Two usbipa on one host, or one restarted: the dead link's record tells."""
+    other = VhciDriver(kernel.sysfs)
+    assert other.attach(3, device(), "127.0.0.1", "3240") == 0
+    kernel.vhci_unplug(0)  # its link dies; its record stays behind
+    assert vhci.attach(4, device(), "127.0.0.1", "3240") == 1
+    assert vhci.prune_records() != [] and vhci.read_record(0) is None
+    assert vhci.attach(5, device(busid="2-1", busnum=2), "127.0.0.1", "3240") == 2
+    # With nothing known of any port, the lowest free one, as Debian's tools take.
+    kernel.vhci_unplug(1)
+    kernel.vhci_unplug(2)
+    for n in (0, 1, 2):
+        vhci.remove_record(n)
+    assert VhciDriver(kernel.sysfs).attach(6, device(), "h", "1") == 0
 
 
 @pytest.mark.scenario("vhci_free")
