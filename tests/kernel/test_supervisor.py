@@ -336,6 +336,8 @@ def test_restarted_supervisor_cleans_up_or_adopts(setup) -> None:
     sup = setup.start()
     sup.wait_state(STUB, "exported")
     sup.wait_state(VUDC, "exported")
+    # usbipa replies before it attaches: a worker may report "exported" first.
+    wait_for(lambda: len(vhci_used_ports()) == 2, 30, 0.1, "both attached on the vhci side")
     # Kill the supervisor and its workers at once: nobody cleans up.
     os.killpg(sup.proc.pid, signal.SIGKILL)
     sup.proc.wait()
