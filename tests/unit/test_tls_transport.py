@@ -101,7 +101,7 @@ def test_forcing_kernel_tls_where_there_is_none_is_a_clear_error(
 
 @pytest.mark.scenario("host_unbound", "vhci_free")
 def test_a_certificate_of_another_ca_is_refused_in_the_handshake(
-        kernel: FakeKernel, usbipa_tls, seen: Pki, caplog_lines: list[str]) -> None:
+        kernel: FakeKernel, usbipa_tls, seen: Pki, logs: list[str]) -> None:
     srv, spy = usbipa_tls
     with pytest.raises(UsbipError, match="TLS"):
         export_device(remote(srv, seen, "board", ca="other", trust="main"), "1-1",
@@ -109,7 +109,7 @@ def test_a_certificate_of_another_ca_is_refused_in_the_handshake(
     assert spy.calls == []  # refused before any PDU was read
     assert used_ports(kernel) == [] and kernel.driver_of("1-1") == "usb"
     srv.wait_for(lambda s: s.active == 0)
-    assert any("TLS handshake failed" in m and "127.0.0.1" in m for m in caplog_lines)
+    assert any("TLS handshake failed" in m and "127.0.0.1" in m for m in logs)
 
 
 @pytest.mark.scenario("host_unbound", "vhci_free")
@@ -153,24 +153,14 @@ def test_list_over_tls(kernel: FakeKernel, seen: Pki) -> None:
 
 @pytest.mark.scenario("host_bound")
 def test_a_plain_client_at_a_tls_listener_is_refused_cleanly(
-        kernel: FakeKernel, seen: Pki, caplog_lines: list[str]) -> None:
+        kernel: FakeKernel, seen: Pki, logs: list[str]) -> None:
     with tls_server(kernel, seen, UsbipdHandler(HostDriver(kernel.sysfs))) as srv:
         with pytest.raises(UsbipError):
             list_remote(Remote.tcp(HOST, srv.port, timeout=5))
         srv.wait_for(lambda s: s.active == 0)
         # ... and the listener keeps serving.
         assert len(list_remote(remote(srv, seen))) == 1
-    assert any("TLS handshake failed" in m for m in caplog_lines)
-
-
-@pytest.fixture
-def caplog_lines() -> Iterator[list[str]]:
-    from loguru import logger
-
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(m.record["message"]), level="DEBUG")
-    yield lines
-    logger.remove(sink)
+    assert any("TLS handshake failed" in m for m in logs)
 
 
 def test_tls_without_files_is_refused_before_dialing(fs: Any) -> None:
