@@ -173,10 +173,11 @@ class VhciDriver:
                 if p.hub == hub and p.free and p.port not in (exclude or ())]
         if not free:
             raise NoFreePort(f"no free {hub} port on vhci_hcd for a {speed.label} device")
-        return min(free, key=lambda n: (self._last_use(n), n))
+        recorded = set(self._recorded_ports())
+        return min(free, key=lambda n: (self._last_use(n, n in recorded), n))
 
-    def _last_use(self, port: int) -> float:
-        written = self.sysfs.mtime(self._record_path(port))
+    def _last_use(self, port: int, recorded: bool) -> float:
+        written = self.sysfs.mtime(self._record_path(port)) if recorded else None
         return max(self._used_at.get(port, -1.0), -1.0 if written is None else written)
 
     def attach(self, sockfd: int, device: UsbDevice, host: str, service: str,
@@ -270,11 +271,16 @@ class VhciDriver:
         connections); return the ports in use with their records."""
         ports = self.ports() if ports is None else ports
         used = {p.port for p in ports if not p.free}
-        for name in self.sysfs.listdir(STATE_DIR):
-            if name.startswith("port") and name[4:].isdigit() and int(name[4:]) not in used:
-                self._used_at[int(name[4:])] = self._last_use(int(name[4:]))
-                self.remove_record(int(name[4:]))
+        for port in self._recorded_ports():
+            if port not in used:
+                self._used_at[port] = self._last_use(port, recorded=True)
+                self.remove_record(port)
         return self.imported(ports)
+
+    def _recorded_ports(self) -> list[int]:
+        """The ports with a record, in use or not (one listing, no file read)."""
+        return [int(name[4:]) for name in self.sysfs.listdir(STATE_DIR)
+                if name.startswith("port") and name[4:].isdigit()]
 
     def imported(self, ports: list[VhciPort] | None = None) -> list[ImportedDevice]:
         """Ports in use, with their records."""
