@@ -279,8 +279,14 @@ class VhciDriver:
 
     def _recorded_ports(self) -> list[int]:
         """The ports with a record, in use or not (one listing, no file read)."""
-        return [int(name[4:]) for name in self.sysfs.listdir(STATE_DIR)
-                if name.startswith("port") and name[4:].isdigit()]
+        try:
+            names = self.sysfs.listdir(STATE_DIR)
+        except KernelError as exc:
+            if exc.errno != errno.ENOTDIR:
+                raise
+            # Like an unreadable record: none.  Writing one will say what is wrong.
+            names = []
+        return [int(name[4:]) for name in names if name.startswith("port") and name[4:].isdigit()]
 
     def imported(self, ports: list[VhciPort] | None = None) -> list[ImportedDevice]:
         """Ports in use, with their records."""

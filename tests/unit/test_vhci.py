@@ -344,6 +344,18 @@ def test_record_write_failure_detaches_the_port(fs: object, kernel: FakeKernel,
 
 
 @pytest.mark.scenario("vhci_free")
+def test_a_state_path_that_is_not_a_directory_detaches_the_port(fs: object, kernel: FakeKernel,
+                                                               vhci: VhciDriver) -> None:
+    """Choosing a port reads the records only to rank ports: a state directory that is
+    not one means "no records" there, and the attach fails where it must, at the record."""
+    fs.create_file(str(kernel.sysfs.path(STATE_DIR)), contents="not a directory")  # type: ignore[attr-defined]
+    with pytest.raises(UsbipError, match="attached to port 0 but could not record it"):
+        vhci.attach(3, device(), "127.0.0.1", "3240")
+    assert kernel.writes == [(ATTACH, "0 3 65538 3"), (DETACH, "0")]
+    assert vhci.prune_records() == []
+
+
+@pytest.mark.scenario("vhci_free")
 def test_record_errors_are_usbipx_errors_naming_the_file(fs: object, kernel: FakeKernel,
                                                          vhci: VhciDriver) -> None:
     """The records go through Sysfs like every kernel-facing file: a state directory that
