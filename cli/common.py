@@ -17,8 +17,8 @@ from usbipx.sysfs import Sysfs
 from usbipx.url import parse_endpoint
 
 if TYPE_CHECKING:
+    from usbipx.remote import DataPath, Remote
     from usbipx.tlsconf import TlsFiles
-    from usbipx.transport import DataPath, Remote
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -117,7 +117,7 @@ def remote(st: State, text: str, cert: str | None = None, key: str | None = None
            ca: str | None = None, keepalive_opt: str | None = None,
            tls_data: str = "auto", proxy: str | None = None) -> Remote:
     """The peer ``-r`` names, with the TLS files and timers to reach it."""
-    from usbipx.transport import Remote
+    from usbipx.remote import Remote
 
     endpoint = parse_endpoint(text, st.tcp_port)
     files = tls_files(cert, key, ca) if endpoint.secure else None

@@ -216,7 +216,7 @@ def usbipd(
 ) -> None:
     """Device-side daemon: serve this host's devices to `attach` (DEVLIST, IMPORT)."""
     from usbipx.daemon.usbipd import UsbipdHandler
-    from usbipx.driver import device_driver
+    from usbipx.drivers import device_driver
 
     st = state(ctx)
     metrics = metrics_of(metrics_opt)

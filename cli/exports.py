@@ -20,11 +20,11 @@ from usbipx.cli.common import (
     state,
 )
 from usbipx.cli.common import remote as remote_of
-from usbipx.driver import device_driver
+from usbipx.drivers import device_driver
 from usbipx.names import is_vudc_busid
 
 if TYPE_CHECKING:
-    from usbipx.transport import Relayer
+    from usbipx.remote import Relayer
 
 
 ID_HELP = ("The device by identity instead of -b: VID:PID or VID:PID:SERIAL (with -d: the "

@@ -24,7 +24,7 @@ from usbipx.sysfs import Sysfs
 from usbipx.vhci import ImportedDevice, VhciDriver
 
 if TYPE_CHECKING:
-    from usbipx.transport import Relayer, Remote
+    from usbipx.remote import Relayer, Remote
 
 
 def _local_names(sysfs: Sysfs, busid: str) -> tuple[int, int] | None:

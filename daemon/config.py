@@ -71,9 +71,9 @@ from usbipx.errors import ConfigError, UsbipError, ValidationError
 from usbipx.gadget.spec import GadgetSpec, load_spec
 from usbipx.names import is_vudc_busid, validate_busid
 from usbipx.net import DEFAULT_KEEPALIVE, USBIP_PORT, Keepalive
+from usbipx.remote import DEFAULT_PING, DataPath, Remote
 from usbipx.tlsconf import TlsFiles
 from usbipx.tomlfile import read_toml, toml_int, toml_number
-from usbipx.transport import DEFAULT_PING, DataPath, Remote
 from usbipx.url import Endpoint, Scheme, parse_endpoint
 
 ExportKind = Literal["busid", "match", "gadget"]
@@ -115,7 +115,7 @@ class ServerSpec:
         return (Endpoint(self.scheme, self.host, self.port, self.path), *self.more)
 
     def remote(self, timeout: float, index: int = 0) -> Remote:
-        """The :class:`~usbipx.transport.Remote` a worker dials for server ``index``."""
+        """The :class:`~usbipx.remote.Remote` a worker dials for server ``index``."""
         ep = self.endpoints[index]
         return Remote(ep, self.tls if ep.secure else None, self.keepalive, timeout,
                       data_path=self.data_path,

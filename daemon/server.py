@@ -36,9 +36,9 @@ from usbipx.errors import ConfigError, ProtocolError, UsbipError
 from usbipx.log import logger
 from usbipx.net import DEFAULT_KEEPALIVE, Keepalive, tune_socket
 from usbipx.protocol import Request, RequestDecoder
+from usbipx.remote import DEFAULT_PING, DataPath
 from usbipx.tlsconf import TlsFiles
 from usbipx.tlsengine import TlsError
-from usbipx.transport import DEFAULT_PING, DataPath
 from usbipx.url import Endpoint
 
 if TYPE_CHECKING:

@@ -33,7 +33,8 @@ from typing import Any
 
 from usbipx.client import export_prepared, unexport_device
 from usbipx.daemon.supervisor import Job, State
-from usbipx.driver import DeviceDriver, ExportStatus, driver_of_lease
+from usbipx.driver import DeviceDriver, ExportStatus
+from usbipx.drivers import driver_of_lease
 from usbipx.errors import DeviceBusy, DeviceNotFound, UsbipError
 from usbipx.gadget.live import read_gadget
 from usbipx.gadget.udc import gadget_on_udc
@@ -42,9 +43,9 @@ from usbipx.lease import Lease
 from usbipx.log import logger
 from usbipx.ownership import Owned, OwnershipStore
 from usbipx.procfs import Proc
+from usbipx.remote import Relayer, Remote
 from usbipx.stubmode.host import HostDriver
 from usbipx.sysfs import Sysfs
-from usbipx.transport import Relayer, Remote
 
 Report = Callable[[dict[str, Any]], None]
 

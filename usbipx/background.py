@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from usbipx.errors import UsbipError
-from usbipx.transport import Relayer
+from usbipx.remote import Relayer
 
 Job = Callable[[], tuple[dict[str, Any], Relayer | None, Callable[[], None] | None]]
 """Does the operation; returns (what to tell the command, the relay to keep running or

@@ -29,8 +29,9 @@ from usbipx.protocol import (
     Status,
     UnexportRequest,
 )
+from usbipx.remote import KernelPath, Remote
 from usbipx.sysfs import Sysfs
-from usbipx.transport import KernelPath, Link, Remote, open_link
+from usbipx.transport import Link, open_link
 from usbipx.usbdevice import ExportableDevice, Speed, UsbDevice
 
 if TYPE_CHECKING:

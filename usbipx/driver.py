@@ -16,7 +16,6 @@ from enum import IntEnum
 from typing import Protocol
 
 from usbipx.lease import Lease
-from usbipx.sysfs import Sysfs
 from usbipx.usbdevice import ExportableDevice, UsbDevice, UsbInterface
 
 
@@ -103,21 +102,3 @@ class DeviceDriver(Protocol):
 
     def status(self, busid: str) -> ExportStatus:
         """Current ``usbip_status`` of ``busid``."""
-
-
-def device_driver(sysfs: Sysfs, vudc: bool) -> DeviceDriver:
-    """The stub-mode driver, or the vUDC driver when ``vudc`` (``--device``)."""
-    if vudc:
-        from usbipx.gadget.vudc import VudcDriver
-
-        return VudcDriver(sysfs)
-    from usbipx.stubmode.host import HostDriver
-
-    return HostDriver(sysfs)
-
-
-def driver_of_lease(sysfs: Sysfs, lease: Lease) -> DeviceDriver:
-    """The driver that can release ``lease``."""
-    from usbipx.lease import VUDC
-
-    return device_driver(sysfs, vudc=lease.driver == VUDC)

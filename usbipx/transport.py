@@ -21,100 +21,19 @@ dead link is noticed whichever path carries the data.
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING
 
-from usbipx.errors import ConfigError, ProtocolError, UsbipError
+from usbipx.errors import ProtocolError, UsbipError
 from usbipx.log import logger
-from usbipx.net import DEFAULT_KEEPALIVE, Keepalive, connect, request
+from usbipx.net import connect, request
 from usbipx.protocol import Reply, ReplyDecoder, Request
-from usbipx.url import Endpoint
+from usbipx.remote import KernelPath, Remote
 
 if TYPE_CHECKING:
-    from usbipx.tlsconf import TlsFiles
     from usbipx.tlsengine import TlsEngine
     from usbipx.wslink import WsLink
-
-DataPath = Literal["auto", "ktls", "relay"]
-"""How TLS data reaches the kernel: kernel TLS where it works (``auto``), or forced."""
-
-Transport = Literal["tcp", "ktls", "tls-relay", "wss-relay"]
-REPLY_TIMEOUT = 30.0
-DEFAULT_PING = (5.0, 10.0)
-"""WebSocket ping interval and timeout: with ``usbipx.wslink.WS_CLOSE_TIMEOUT``, a
-dead path is noticed within 17 s."""
-
-
-@dataclass(frozen=True)
-class Remote:
-    """A peer to reach, and how: its URL, this end's TLS files, socket timers."""
-
-    endpoint: Endpoint
-    tls: TlsFiles | None = None
-    keepalive: Keepalive = field(default=DEFAULT_KEEPALIVE)
-    timeout: float = 10.0
-    """Seconds for the connection and the TLS/WebSocket handshake."""
-    reply_timeout: float = REPLY_TIMEOUT
-    """Seconds for the reply, counted from when the request is sent: a peer (or
-    this board) slowed by a busy CPU is slow, not dead."""
-    data_path: DataPath = "auto"
-    proxy: str | None = None
-    """HTTP proxy for ``wss://`` (``http://[USER:PASS@]HOST:PORT``); None: from the
-    environment (``https_proxy``, ``wss_proxy``, ``no_proxy``)."""
-    ping: tuple[float, float] = DEFAULT_PING
-    """``wss://`` ping interval and timeout, seconds."""
-
-    def __post_init__(self) -> None:
-        if self.endpoint.secure and self.tls is None:
-            raise ConfigError(f"{self.endpoint.scheme}:// needs --cert, --key and --ca "
-                              "(or USBIPX_CERT, USBIPX_KEY, USBIPX_CA)")
-        if self.proxy is not None and self.endpoint.scheme != "wss":
-            raise ConfigError("--proxy applies to wss:// only (tcp:// and tls:// do not "
-                              "cross HTTP proxies)")
-
-
-    @classmethod
-    def tcp(cls, host: str, port: int, keepalive: Keepalive = DEFAULT_KEEPALIVE,
-            timeout: float = 10.0) -> Remote:
-        """Plain TCP to ``host:port``."""
-        return cls(Endpoint("tcp", host, port), None, keepalive, timeout)
-
-    @property
-    def host(self) -> str:
-        return self.endpoint.host
-
-    @property
-    def port(self) -> int:
-        return self.endpoint.port
-
-    def __str__(self) -> str:
-        return self.endpoint.hostport if self.endpoint.scheme == "tcp" else str(self.endpoint)
-
-    @property
-    def label(self) -> str:
-        """How messages name the peer: its host (plain TCP, as the C tools), else the URL."""
-        return self.host if self.endpoint.scheme == "tcp" else str(self.endpoint)
-
-
-class Relayer(Protocol):
-    """What carries an export's data in user space (:class:`~usbipx.relay.Relay`,
-    :class:`~usbipx.wslink.WsRelay`): runs until either side ends, then closes both."""
-
-    def run(self, stop: threading.Event | None = None) -> str:
-        """Relay until either side ends or ``stop`` is set; the reason it ended."""
-
-
-@dataclass
-class KernelPath:
-    """What carries an export's data once the kernel has the connection."""
-
-    transport: Transport
-    relay: Relayer | None = None
-    """The relay to run (``tls-relay``, ``wss-relay``)."""
-
 
 class Link:
     """One connection to a peer, good for one request and then for the kernel."""

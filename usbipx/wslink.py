@@ -27,11 +27,12 @@ from typing import TYPE_CHECKING
 from usbipx.errors import ProtocolError, UsbipError
 from usbipx.log import logger
 from usbipx.protocol import Reply, ReplyDecoder, Request
+from usbipx.remote import KernelPath
 
 if TYPE_CHECKING:
     from websockets.sync.client import ClientConnection
 
-    from usbipx.transport import KernelPath, Remote
+    from usbipx.remote import Remote
 
 MAX_MESSAGE = 1 << 20
 """Largest WebSocket message taken (a relay sends at most 64 KiB at a time)."""
@@ -88,7 +89,6 @@ class WsLink:
         """Give the kernel one end of a socketpair with ``give(fd)``; the relay that
         pumps the other end to this WebSocket must then run as long as the export."""
         from usbipx.relay import relay_pair
-        from usbipx.transport import KernelPath
 
         if self.remote.data_path == "ktls":
             raise UsbipError("wss:// data always goes through a relay; --tls-data ktls "

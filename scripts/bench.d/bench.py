@@ -24,9 +24,9 @@ import labkit as lab
 
 from usbipx import log
 from usbipx.client import export_device, unexport_device
-from usbipx.driver import device_driver
+from usbipx.drivers import device_driver
+from usbipx.remote import Remote
 from usbipx.sysfs import Sysfs
-from usbipx.transport import Remote
 
 RESULTS: list[tuple[str, str, str]] = []
 

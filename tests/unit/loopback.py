@@ -25,7 +25,7 @@ from fakekernel import FakeKernel
 from usbipx import protocol as p
 from usbipx.daemon.server import PeerPolicy, Server, ServerConfig
 from usbipx.daemon.serving import Handler, Outcome, Peer
-from usbipx.transport import Remote
+from usbipx.remote import Remote
 from usbipx.vhci import VhciDriver
 
 HOST = "127.0.0.1"

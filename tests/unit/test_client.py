@@ -48,8 +48,8 @@ from usbipx.errors import (
 from usbipx.gadget.vudc import NoGadget, VudcDriver
 from usbipx.lease import Lease
 from usbipx.net import Keepalive
+from usbipx.remote import Remote
 from usbipx.stubmode.host import HostDriver
-from usbipx.transport import Remote
 from usbipx.vhci import STATE_DIR, VhciDriver
 
 

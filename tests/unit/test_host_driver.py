@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from usbipx import protocol as p
-from usbipx.driver import ExportStatus, device_driver
+from usbipx.driver import ExportStatus
+from usbipx.drivers import device_driver
 from usbipx.errors import (
     DeviceBusy,
     DeviceNotFound,

@@ -28,8 +28,8 @@ from usbipx.daemon.usbipa import UsbipaHandler
 from usbipx.daemon.usbipd import UsbipdHandler
 from usbipx.errors import UsbipError, ValidationError
 from usbipx.metrics import REASONS, Metrics, parse_address
+from usbipx.remote import Remote
 from usbipx.stubmode.host import HostDriver
-from usbipx.transport import Remote
 from usbipx.vhci import VhciDriver
 
 

@@ -26,8 +26,8 @@ from usbipx.daemon.usbipa import UsbipaHandler
 from usbipx.daemon.usbipd import UsbipdHandler
 from usbipx.errors import RemoteError, UsbipError
 from usbipx.ktls import KtlsUnavailable
+from usbipx.remote import Remote
 from usbipx.stubmode.host import HostDriver
-from usbipx.transport import Remote
 from usbipx.url import Endpoint
 from usbipx.vhci import STATE_DIR, VhciDriver
 

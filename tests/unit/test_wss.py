@@ -18,8 +18,8 @@ from usbipx.client import export_device, list_remote, unexport_device
 from usbipx.daemon.usbipa import UsbipaHandler
 from usbipx.daemon.usbipd import UsbipdHandler
 from usbipx.errors import UsbipError
+from usbipx.remote import Remote
 from usbipx.stubmode.host import HostDriver
-from usbipx.transport import Remote
 from usbipx.url import Endpoint
 from usbipx.vhci import STATE_DIR, VhciDriver
 
