@@ -44,11 +44,11 @@ DISK_MB = 4
 # parallel VMs (scripts/test runs USBIPX_SHARD=i/n).  Only balance depends on
 # these figures; every test runs in exactly one shard whatever they say.
 MODULE_WEIGHT: dict[str, float] = {  # measured: "seconds per module" of a lab run
-    "tests/kernel/test_export.py": 690, "tests/kernel/test_tls.py": 570,
-    "tests/kernel/test_wss.py": 545, "tests/kernel/test_gadget.py": 380,
-    "tests/kernel/test_supervisor.py": 380, "tests/kernel/test_foundation.py": 290,
-    "tests/kernel/test_concurrency.py": 240, "tests/kernel/test_fleet.py": 75,
-    "tests/kernel/test_ownership.py": 55, "tests/kernel/test_ktls.py": 15,
+    "tests/kernel/test_tls.py": 585, "tests/kernel/test_export.py": 560,
+    "tests/kernel/test_wss.py": 455, "tests/kernel/test_foundation.py": 400,
+    "tests/kernel/test_supervisor.py": 260, "tests/kernel/test_gadget.py": 250,
+    "tests/kernel/test_concurrency.py": 145, "tests/kernel/test_fleet.py": 95,
+    "tests/kernel/test_ownership.py": 30, "tests/kernel/test_ktls.py": 15,
 }
 DEFAULT_WEIGHT = 60.0
 
@@ -149,16 +149,21 @@ def daemons():
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A CA, a server certificate for localhost and board certificates; also a
     board of another CA and an expired board certificate."""
+    from usbipx import pki as lib
+
     d = tmp_path_factory.mktemp("pki")
     ca, other = d / "ca", d / "other"
+    # The CLI makes the CA and the server's certificate, as a user would; the
+    # rest comes from the library in this process (each CLI start costs seconds
+    # in the lab, and these certificates only serve other tests).
     usbipx("pki", "init", str(ca))
     usbipx("pki", "issue", str(ca), "server", "--server", HOSTNAME, "--server", "127.0.0.1")
-    usbipx("pki", "issue", str(ca), "server-ns", "--server", SERVER_IP)
-    usbipx("pki", "issue", str(ca), "wrongname", "--server", "elsewhere.example")
+    lib.issue(ca, "server-ns", servers=[SERVER_IP])
+    lib.issue(ca, "wrongname", servers=["elsewhere.example"])
     for board in ("board-1", "board-2", "kiosk-1"):
-        usbipx("pki", "issue", str(ca), board)
-    usbipx("pki", "init", str(other))
-    usbipx("pki", "issue", str(other), "board-1")
+        lib.issue(ca, board)
+    lib.init_ca(other)
+    lib.issue(other, "board-1")
     _expired(ca, "old-board")
     return {"ca": ca, "other": other}
 

@@ -416,3 +416,9 @@ def creds(pki: dict[str, Path], name: str, ca: str = "ca") -> list[str]:
     d = pki[ca]
     return ["--cert", str(d / f"{name}.crt"), "--key", str(d / f"{name}.key"),
             "--ca", str(pki["ca"] / "ca.crt")]
+
+
+def records() -> dict[int, str]:
+    """usbipx's vhci port records (``/var/run/vhci_hcd/portN``), by port."""
+    d = Path("/var/run/vhci_hcd")
+    return {int(f.name[4:]): f.read_text() for f in d.glob("port*")} if d.is_dir() else {}
