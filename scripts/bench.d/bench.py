@@ -359,7 +359,7 @@ def bench_supervisor(rounds: int) -> None:
         # the application side drops every port (usbipa keeps running)
         took = []
         for _ in range(rounds):
-            lab.reset_usbip_ports_only()
+            lab.reset_usbip_ports_only(settle=False)
             t0 = time.monotonic()
             lab.wait_for(lambda: len(lab.vhci_used_ports()) == 16, 120, 0.05,
                          "16 re-exported")
@@ -369,7 +369,7 @@ def bench_supervisor(rounds: int) -> None:
         # the link back: usbipa restarted with its ports detached -> every device
         # exported again
         usbipa.stop()
-        lab.reset_usbip_ports_only()
+        lab.reset_usbip_ports_only(settle=False)
         usbipa = lab.Daemon([lab.USBIPX, "usbipa", "-t", "3308"], 3308)
         t0 = time.monotonic()
         lab.wait_for(lambda: len(lab.vhci_used_ports()) == 16, 120, 0.1, "16 re-exported")

@@ -216,8 +216,10 @@ def vhci_used_ports() -> list[tuple[int, str]]:
     return out
 
 
-def reset_usbip_ports_only() -> None:
-    """Detach every vhci port and wait until every exported device is available again."""
+def reset_usbip_ports_only(settle: bool = True) -> None:
+    """Detach every vhci port and (``settle``) wait until every exported device is
+    available again.  Not ``settle`` where a supervisor runs: it re-exports them at
+    once, so "all available" may never be seen."""
     for port, _ in vhci_used_ports():
         with contextlib.suppress(OSError):
             (VHCI0 / "detach").write_text(str(port))
@@ -232,7 +234,8 @@ def reset_usbip_ports_only() -> None:
                     return False
         return True
 
-    wait_for(settled, 30, what="exported devices to be available again")
+    if settle:
+        wait_for(settled, 30, what="exported devices to be available again")
 
 
 def reset_usbip() -> None:
