@@ -68,7 +68,9 @@ class _ContextLog:
         if self.fd >= 0 and self.pid == os.getpid():
             with contextlib.suppress(OSError):
                 os.ftruncate(self.fd, 0)
-            os.close(self.fd)
+            # Also a finalizer's work, which must not raise (the fd may be gone).
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
         self.fd = -1
 
     def current(self) -> bool:
