@@ -52,7 +52,6 @@ class Remote:
             raise ConfigError("--proxy applies to wss:// only (tcp:// and tls:// do not "
                               "cross HTTP proxies)")
 
-
     @classmethod
     def tcp(cls, host: str, port: int, keepalive: Keepalive = DEFAULT_KEEPALIVE,
             timeout: float = 10.0) -> Remote:

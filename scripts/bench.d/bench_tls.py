@@ -147,12 +147,9 @@ def _kernel_gcm_speed() -> tuple[str, float]:
     op.close()
     alg.close()
     # The kernel picks the gcm(aes) of highest priority; /proc/crypto lists them all.
-    best: tuple[int, str] = (-1, "?")
-    for block in Path("/proc/crypto").read_text().split("\n\n"):
-        fields = dict((x.strip() for x in line.partition(":")[::2])
-                      for line in block.splitlines())
-        if fields.get("name") == "gcm(aes)":
-            best = max(best, (int(fields.get("priority", "0")), fields.get("driver", "?")))
+    best = max(((int(alg.get("priority", "0")), alg.get("driver", "?"))
+                for alg in lab.kernel_crypto() if alg.get("name") == "gcm(aes)"),
+               default=(-1, "?"))
     return best[1], speed
 
 

@@ -425,3 +425,9 @@ def records() -> dict[int, str]:
     """usbipx's vhci port records (``/var/run/vhci_hcd/portN``), by port."""
     d = Path("/var/run/vhci_hcd")
     return {int(f.name[4:]): f.read_text() for f in d.glob("port*")} if d.is_dir() else {}
+
+
+def kernel_crypto() -> list[dict[str, str]]:
+    """The kernel's crypto algorithms (``/proc/crypto``), one dict of fields each."""
+    return [dict((x.strip() for x in line.partition(":")[::2]) for line in block.splitlines())
+            for block in Path("/proc/crypto").read_text().split("\n\n") if block.strip()]

@@ -79,8 +79,6 @@ def test_connect_to_nobody_restores_driver(stub_disk) -> None:
     assert driver_of(busid) == "usb"
 
 
-# -- 16 at once ---------------------------------------------------------------------
-
 # -- the firewall case ------------------------------------------------------------
 
 def test_board_behind_firewall_can_connect_but_not_be_attached(stub_disk, daemons) -> None:

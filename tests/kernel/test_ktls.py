@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from labkit import tls_stat, wait_for
+from labkit import kernel_crypto, tls_stat, wait_for
 
 from usbipx import ktls, pki, tlsconf
 from usbipx.tlsengine import TlsEngine
@@ -121,8 +121,7 @@ def test_preload_loads_tls_and_the_aeads():
     ktls.preload()
     modules = {line.split()[0] for line in Path("/proc/modules").read_text().splitlines()}
     assert "tls" in modules
-    names = {line.partition(":")[2].strip() for line in
-             Path("/proc/crypto").read_text().splitlines() if line.startswith("name")}
+    names = {alg.get("name") for alg in kernel_crypto()}
     assert {"gcm(aes)", "rfc7539(chacha20,poly1305)"} <= names
 
 
