@@ -26,28 +26,37 @@ class Sysfs:
 
     def __init__(self, root: str | os.PathLike[str] = "/") -> None:
         self.root = Path(root)
+        self._prefix = str(self.root).rstrip("/")
+
+    def host(self, rel: str | PurePosixPath) -> str:
+        """Host path of ``rel`` as a string: :meth:`path` without building a Path.
+
+        Daemons read vhci_hcd's state on every request, and on a slow CPU
+        pathlib's parsing cost more than the reads themselves.
+        """
+        text = os.fspath(rel)
+        if not text.startswith("/") or ".." in text.split("/"):
+            raise ValueError(f"unsafe kernel path {text!r}")
+        return self._prefix + text
 
     def __repr__(self) -> str:
         return f"Sysfs(root={str(self.root)!r})"
 
     def path(self, rel: str | PurePosixPath) -> Path:
         """Host path of ``rel`` (an absolute path as seen by the kernel)."""
-        p = PurePosixPath(rel)
-        if not p.is_absolute() or ".." in p.parts:
-            raise ValueError(f"unsafe kernel path {str(rel)!r}")
-        return self.root.joinpath(*p.parts[1:])
+        return Path(self.host(rel))
 
     def exists(self, rel: str | PurePosixPath) -> bool:
         """Whether ``rel`` exists (a dangling symlink counts as missing)."""
-        return self.path(rel).exists()
+        return os.path.exists(self.host(rel))
 
     def is_dir(self, rel: str | PurePosixPath) -> bool:
-        return self.path(rel).is_dir()
+        return os.path.isdir(self.host(rel))
 
     def listdir(self, rel: str | PurePosixPath) -> list[str]:
         """Sorted entries of a directory; empty if it does not exist."""
         try:
-            return sorted(os.listdir(self.path(rel)))
+            return sorted(os.listdir(self.host(rel)))
         except FileNotFoundError:
             return []
         except OSError as exc:
@@ -56,7 +65,7 @@ class Sysfs:
     def read_bytes(self, rel: str | PurePosixPath) -> bytes:
         """Raw content of an attribute (binary attributes such as ``dev_desc``)."""
         try:
-            with open(self.path(rel), "rb") as fh:
+            with open(self.host(rel), "rb") as fh:
                 return fh.read()
         except FileNotFoundError as exc:
             raise DeviceNotFound(f"{rel} does not exist") from exc
@@ -94,7 +103,7 @@ class Sysfs:
     def write(self, rel: str | PurePosixPath, value: str | bytes) -> None:
         """Store ``value`` with one ``write()``; kernel errors become usbipx errors."""
         data = value.encode() if isinstance(value, str) else value
-        path = self.path(rel)
+        path = self.host(rel)
         try:
             fd = os.open(path, os.O_WRONLY)
         except FileNotFoundError as exc:
@@ -113,7 +122,7 @@ class Sysfs:
     def readlink_name(self, rel: str | PurePosixPath) -> str | None:
         """Last component of a symlink's target (e.g. a device's driver), or None."""
         try:
-            return os.path.basename(os.readlink(self.path(rel)))
+            return os.path.basename(os.readlink(self.host(rel)))
         except OSError:
             return None
 
@@ -127,20 +136,20 @@ class Sysfs:
 
     def mkdir(self, rel: str | PurePosixPath) -> None:
         try:
-            os.mkdir(self.path(rel))
+            os.mkdir(self.host(rel))
         except OSError as exc:
             raise kernel_error(exc, str(rel), "mkdir") from exc
 
     def rmdir(self, rel: str | PurePosixPath) -> None:
         try:
-            os.rmdir(self.path(rel))
+            os.rmdir(self.host(rel))
         except OSError as exc:
             raise kernel_error(exc, str(rel), "rmdir") from exc
 
     def symlink(self, target: str | PurePosixPath, rel: str | PurePosixPath) -> None:
         """Create symlink ``rel`` pointing at ``target`` (both kernel paths)."""
         try:
-            os.symlink(self.path(target), self.path(rel))
+            os.symlink(self.host(target), self.host(rel))
         except OSError as exc:
             raise kernel_error(exc, str(rel), "link") from exc
 
@@ -148,7 +157,7 @@ class Sysfs:
         """Remove a file or symlink; with ``missing_ok`` a missing one (or a parent that
         is not a directory) is no error."""
         try:
-            os.unlink(self.path(rel))
+            os.unlink(self.host(rel))
         except OSError as exc:
             if missing_ok and isinstance(exc, FileNotFoundError | NotADirectoryError):
                 return
@@ -159,21 +168,22 @@ class Sysfs:
     def makedirs(self, rel: str | PurePosixPath, mode: int = 0o755) -> None:
         """Create directory ``rel`` and any missing parents; an existing one is fine."""
         try:
-            os.makedirs(self.path(rel), mode=mode, exist_ok=True)
+            os.makedirs(self.host(rel), mode=mode, exist_ok=True)
         except OSError as exc:
             raise kernel_error(exc, str(rel), "mkdir") from exc
 
     def replace_text(self, rel: str | PurePosixPath, text: str) -> None:
         """Make ``rel`` hold ``text``: written to ``<rel>.tmp``, then renamed over it, so
         a reader never sees half of it; the temporary file never outlives a failure."""
-        path = self.path(rel)
-        tmp = path.with_name(path.name + ".tmp")
+        path = self.host(rel)
+        tmp = path + ".tmp"
         try:
-            tmp.write_text(text)
-            tmp.replace(path)
+            with open(tmp, "w") as fh:
+                fh.write(text)
+            os.replace(tmp, path)
         except OSError as exc:
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                os.unlink(tmp)
             raise kernel_error(exc, str(rel)) from exc
 
     # -- configfs listings: order and entry types matter there --------------
@@ -185,7 +195,7 @@ class Sysfs:
         links were made in (see :mod:`usbipx.gadget.configfs`).
         """
         try:
-            return os.listdir(self.path(rel))
+            return os.listdir(self.host(rel))
         except FileNotFoundError:
             return []
         except OSError as exc:
@@ -194,18 +204,18 @@ class Sysfs:
     def mtime(self, rel: str | PurePosixPath) -> float | None:
         """When ``rel`` (not followed if a symlink) was last modified; None if missing."""
         try:
-            return self.path(rel).lstat().st_mtime
+            return os.lstat(self.host(rel)).st_mtime
         except FileNotFoundError:
             return None
 
     def is_symlink(self, rel: str | PurePosixPath) -> bool:
         """Whether ``rel`` itself is a symlink (a configfs link into functions/)."""
-        return self.path(rel).is_symlink()
+        return os.path.islink(self.host(rel))
 
     def lmode(self, rel: str | PurePosixPath) -> int:
         """``st_mode`` of ``rel`` itself, not of what a symlink points to."""
         try:
-            return os.lstat(self.path(rel)).st_mode
+            return os.lstat(self.host(rel)).st_mode
         except FileNotFoundError as exc:
             raise DeviceNotFound(f"{rel} does not exist") from exc
         except OSError as exc:

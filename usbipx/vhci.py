@@ -19,6 +19,7 @@ import re
 import time
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 from usbipx.errors import (
     DeviceNotFound,
@@ -38,9 +39,10 @@ from usbipx.usbdevice import Speed, UsbDevice
 VHCI0 = "/sys/devices/platform/vhci_hcd.0"
 STATE_DIR = "/var/run/vhci_hcd"
 _STATUS_LINE = re.compile(
-    r"^(?P<hub>hs|ss)\s+(?P<port>\d+)\s+(?P<sta>\d+)\s+(?P<spd>\d+)\s+(?P<dev>[0-9a-fA-F]+)"
-    r"\s+(?P<sockfd>\d+)\s+(?P<busid>\S+)\s*$"
+    r"^(hs|ss)[ \t]+(\d+)[ \t]+(\d+)[ \t]+(\d+)[ \t]+([0-9a-fA-F]+)[ \t]+(\d+)[ \t]+(\S+)[ \t]*$",
+    re.M,
 )
+"""A port's line of ``status``: hub, port, sta, spd, dev, sockfd, local bus id."""
 _RECORD_FIELD = re.compile(r"[A-Za-z0-9._:%\[\]-]{1,255}")
 
 
@@ -53,9 +55,8 @@ class PortStatus(IntEnum):
     ERROR = 7
 
 
-@dataclass(frozen=True)
-class VhciPort:
-    """One line of vhci_hcd's ``status``."""
+class VhciPort(NamedTuple):
+    """One line of vhci_hcd's ``status`` (a tuple: cheap to make, 128 per reading)."""
 
     port: int
     hub: str
@@ -68,6 +69,10 @@ class VhciPort:
     @property
     def free(self) -> bool:
         return self.status == PortStatus.NULL
+
+
+_PORT_STATUS = {int(s): s for s in PortStatus}
+_SPEEDS = {int(s): s for s in Speed}
 
 
 @dataclass(frozen=True)
@@ -123,29 +128,26 @@ class VhciDriver:
         return self.sysfs.read_int(f"{VHCI0}/nports")
 
     def _status_files(self) -> list[str]:
-        files = [f"{VHCI0}/status"]
-        n = 1
-        while self.sysfs.exists(f"{VHCI0}/status.{n}"):
-            files.append(f"{VHCI0}/status.{n}")
-            n += 1
-        return files
+        """``status``, ``status.1``, ... in controller order (one listing, no stat each)."""
+        extra = sorted(int(name[7:]) for name in self.sysfs.listdir(VHCI0)
+                       if name.startswith("status.") and name[7:].isdigit())
+        return [f"{VHCI0}/status", *(f"{VHCI0}/status.{n}" for n in extra)]
 
     def ports(self) -> list[VhciPort]:
         """Every port of every controller, in port order."""
         self.check_loaded()
         out = []
         for f in self._status_files():
-            for line in self.sysfs.read(f).splitlines():
-                m = _STATUS_LINE.match(line)
-                if not m:
-                    continue  # the header line
-                try:
-                    status = PortStatus(int(m["sta"]))
-                    speed = Speed(int(m["spd"]))
-                except ValueError as exc:
-                    raise UsbipError(f"{f}: unexpected status line {line!r}") from exc
-                out.append(VhciPort(int(m["port"]), m["hub"], status, speed,
-                                    int(m["dev"], 16), int(m["sockfd"]), m["busid"]))
+            # One findall per file (the header line does not match), and
+            # dictionary lookups rather than Enum calls: usbipa reads every port
+            # on every request it serves, and an emulated CPU feels each line.
+            for hub, port, sta, spd, dev, sockfd, busid in _STATUS_LINE.findall(self.sysfs.read(f)):
+                status = _PORT_STATUS.get(int(sta))
+                speed = _SPEEDS.get(int(spd))
+                if status is None or speed is None:
+                    raise UsbipError(f"{f}: port {int(port)} has unknown state {sta} or speed {spd}")
+                out.append(VhciPort(int(port), hub, status, speed, int(dev, 16), int(sockfd),
+                                    busid))
         return sorted(out, key=lambda p: p.port)
 
     def port(self, port: int) -> VhciPort:

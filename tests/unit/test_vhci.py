@@ -505,3 +505,17 @@ def test_any_record_round_trips_or_is_refused(kernel: FakeKernel, host: str, ser
     assert text.count("\n") == 1 and text.endswith("\n")
     assert text.split() == [host, service, busid]  # three fields, no injection
     assert vhci.read_record(9) == PortRecord(host, service, busid)
+
+
+@pytest.mark.scenario("vhci_attached")
+@pytest.mark.parametrize(("field", "value"), [(2, "009"), (3, "008")])
+def test_a_port_line_with_an_unknown_state_or_speed_is_an_error(
+        kernel: FakeKernel, vhci: VhciDriver, field: int, value: str) -> None:
+    status3 = kernel.sysfs.path(f"{VHCI0}/status.3")
+    lines = status3.read_text().splitlines(keepends=True)
+    cols = lines[5].split()
+    cols[field] = value
+    lines[5] = " ".join(cols) + "\n"
+    status3.write_text("".join(lines))
+    with pytest.raises(UsbipError, match=rf"status\.3: port {int(cols[1])} has unknown state"):
+        vhci.ports()
