@@ -145,7 +145,8 @@ class VhciDriver:
                 status = _PORT_STATUS.get(int(sta))
                 speed = _SPEEDS.get(int(spd))
                 if status is None or speed is None:
-                    raise UsbipError(f"{f}: port {int(port)} has unknown state {sta} or speed {spd}")
+                    raise UsbipError(f"{f}: port {int(port)} has unknown state {sta} "
+                                     f"or speed {spd}")
                 out.append(VhciPort(int(port), hub, status, speed, int(dev, 16), int(sockfd),
                                     busid))
         return sorted(out, key=lambda p: p.port)
