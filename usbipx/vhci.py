@@ -39,10 +39,12 @@ from usbipx.usbdevice import Speed, UsbDevice
 VHCI0 = "/sys/devices/platform/vhci_hcd.0"
 STATE_DIR = "/var/run/vhci_hcd"
 _STATUS_LINE = re.compile(
-    r"^(hs|ss)[ \t]+(\d+)[ \t]+(\d+)[ \t]+(\d+)[ \t]+([0-9a-fA-F]+)[ \t]+(\d+)[ \t]+(\S+)[ \t]*$",
-    re.M,
-)
+    r"^(?:hs|ss)[ \t]+\d+[ \t]+\d+[ \t]+\d+[ \t]+[0-9a-fA-F]+[ \t]+\d+[ \t]+\S+[ \t]*$", re.M)
 """A port's line of ``status``: hub, port, sta, spd, dev, sockfd, local bus id."""
+_PARSED: dict[str, VhciPort] = {}
+"""Status lines already parsed.  A reading is 240 lines, nearly all of them the
+same from one reading to the next, and usbipa reads them on every request."""
+_PARSED_MAX = 4096
 _RECORD_FIELD = re.compile(r"[A-Za-z0-9._:%\[\]-]{1,255}")
 
 
@@ -73,6 +75,16 @@ class VhciPort(NamedTuple):
 
 _PORT_STATUS = {int(s): s for s in PortStatus}
 _SPEEDS = {int(s): s for s in Speed}
+
+
+def _parse_port(line: str, where: str) -> VhciPort:
+    """One line matching ``_STATUS_LINE`` of the file ``where``."""
+    hub, port, sta, spd, dev, sockfd, busid = line.split()
+    status = _PORT_STATUS.get(int(sta))
+    speed = _SPEEDS.get(int(spd))
+    if status is None or speed is None:
+        raise UsbipError(f"{where}: port {int(port)} has unknown state {sta} or speed {spd}")
+    return VhciPort(int(port), hub, status, speed, int(dev, 16), int(sockfd), busid)
 
 
 @dataclass(frozen=True)
@@ -138,18 +150,16 @@ class VhciDriver:
         self.check_loaded()
         out = []
         for f in self._status_files():
-            # One findall per file (the header line does not match), and
-            # dictionary lookups rather than Enum calls: usbipa reads every port
-            # on every request it serves, and an emulated CPU feels each line.
-            for hub, port, sta, spd, dev, sockfd, busid in _STATUS_LINE.findall(self.sysfs.read(f)):
-                status = _PORT_STATUS.get(int(sta))
-                speed = _SPEEDS.get(int(spd))
-                if status is None or speed is None:
-                    raise UsbipError(f"{f}: port {int(port)} has unknown state {sta} "
-                                     f"or speed {spd}")
-                out.append(VhciPort(int(port), hub, status, speed, int(dev, 16), int(sockfd),
-                                    busid))
-        return sorted(out, key=lambda p: p.port)
+            for line in _STATUS_LINE.findall(self.sysfs.read(f)):
+                port = _PARSED.get(line)
+                if port is None:
+                    port = _parse_port(line, f)
+                    if len(_PARSED) >= _PARSED_MAX:
+                        _PARSED.clear()
+                    _PARSED[line] = port
+                out.append(port)
+        out.sort()  # by port number: no two lines share one
+        return out
 
     def port(self, port: int) -> VhciPort:
         for p in self.ports():
