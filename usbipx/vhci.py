@@ -70,7 +70,7 @@ class VhciPort(NamedTuple):
 
     @property
     def free(self) -> bool:
-        return self.status == PortStatus.NULL
+        return self.status is PortStatus.NULL  # identity: IntEnum's == is slow
 
 
 _PORT_STATUS = {int(s): s for s in PortStatus}
@@ -187,6 +187,9 @@ class VhciDriver:
         if not free:
             raise NoFreePort(f"no free {hub} port on vhci_hcd for a {speed.label} device")
         recorded = set(self._recorded_ports())
+        for n in free:  # in port order: the lowest never used, without a stat each
+            if n not in recorded and n not in self._used_at:
+                return n
         return min(free, key=lambda n: (self._last_use(n, n in recorded), n))
 
     def _last_use(self, port: int, recorded: bool) -> float:
