@@ -203,6 +203,12 @@ class Server:
         req = await self._request(self._read_request(conn), peer)
         if req is None or (outcome := self._decide(req, peer)) is None:
             return
+        try:
+            self._carry_out_tcp(conn, peer, outcome)
+        finally:
+            outcome.close()
+
+    def _carry_out_tcp(self, conn: socket.socket, peer: Peer, outcome: Outcome) -> None:
         conn.setblocking(True)  # the kernel expects a blocking socket
         first = outcome.reply_first and outcome.handoff is not None
         reply = outcome.reply if first else settle(outcome, conn.fileno(), "tcp")
@@ -274,14 +280,17 @@ class Server:
             req = await self._request(read(), peer)
             if req is None or (outcome := self._decide(req, peer)) is None:
                 return False
-            if outcome.handoff is None:
-                await self._send_tls(conn, engine, outcome.reply.pack(), peer)
-                self.served += 1
-                return False
-            # No lock across connections: vhci_hcd's attach skips a port another
-            # connection took meanwhile (usbipx.vhci), so handoffs may interleave.
-            kept = await self._tls_handoff(conn, engine, peer, outcome)
-            return kept
+            try:
+                if outcome.handoff is None:
+                    await self._send_tls(conn, engine, outcome.reply.pack(), peer)
+                    self.served += 1
+                    return False
+                # No lock across connections: vhci_hcd's attach skips a port another
+                # connection took meanwhile (usbipx.vhci), so handoffs may interleave.
+                kept = await self._tls_handoff(conn, engine, peer, outcome)
+                return kept
+            finally:
+                outcome.close()
         finally:
             if not kept:
                 engine.close()

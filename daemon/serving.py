@@ -63,6 +63,16 @@ class Outcome:
     """The kernel speaks as soon as it has the socket (vhci_hcd enumerates the
     device it was given), so over plain TCP the reply must be on the wire before
     the handoff, or the peer reads a URB where it waits for the reply."""
+    release: Callable[[], None] | None = None
+    """What the handler holds for this request until it is carried out (usbipa:
+    the (peer, bus id) being exported).  The server calls :meth:`close` when it
+    is done with the outcome, whether or not the handoff happened."""
+
+    def close(self) -> None:
+        """Let the handler release what it holds for this request (once)."""
+        release, self.release = self.release, None
+        if release is not None:
+            release()
 
 
 Handler = Callable[[Request, Peer], Outcome]

@@ -84,6 +84,11 @@ class UsbipaHandler:
         self.background = background
         self.serial_wait = serial_wait
         self.held = Holdings()
+        self.in_flight: set[tuple[str, str]] = set()
+        """(owner, bus id) of exports decided and not yet carried out.  Over TLS and
+        wss the reply is sent between the decision and the attach, and another
+        connection's request can be decided meanwhile: without this, two
+        connections of one board could both attach a bus id, or both pass a limit."""
         if metrics is not None:
             metrics.live("usbipx_exports_active", "Devices attached for each peer (its "
                          "certificate identity, or its address over plain TCP).", "peer",
@@ -147,6 +152,10 @@ class UsbipaHandler:
         if dev.speed in (Speed.UNKNOWN, Speed.WIRELESS):
             return self._refuse(peer, dev, f"cannot attach a device of {dev.speed.label}",
                                 kind="unsupported")
+        key = (peer.owner, dev.busid)
+        if key in self.in_flight:
+            return self._refuse(peer, dev, "an export of it from this peer is in progress",
+                                Status.ST_DEV_BUSY, kind="busy")
         try:
             # One reading of vhci's state serves the whole decision.
             ports = self.vhci.ports()
@@ -163,6 +172,7 @@ class UsbipaHandler:
                     kind="busy")
             held = sum(1 for i in imported if i is not old
                        and i.record is not None and i.record.owner == peer.owner)
+            held += sum(1 for owner, _ in self.in_flight if owner == peer.owner)
             reason = self.policy.refuse_count(held, peer.identity)
             if reason:
                 return self._refuse(peer, dev, reason, kind="limit")
@@ -181,6 +191,13 @@ class UsbipaHandler:
         attached: list[int] = []
 
         def handoff(fd: int, transport: str) -> Reply | None:
+            try:
+                return attach(fd, transport)
+            finally:
+                # Attached (vhci's state now shows it) or refused: no longer in flight.
+                self.in_flight.discard(key)
+
+        def attach(fd: int, transport: str) -> Reply | None:
             try:
                 if old is not None:
                     logger.info("replacing dead attachment of {} from {} on port {}",
@@ -218,7 +235,9 @@ class UsbipaHandler:
                 except UsbipError as exc:
                     logger.error("could not detach port {}: {}", port, exc)
 
-        return Outcome(ExportReply(Status.ST_OK), handoff, undo, reply_first=True)
+        self.in_flight.add(key)
+        return Outcome(ExportReply(Status.ST_OK), handoff, undo, reply_first=True,
+                       release=lambda: self.in_flight.discard(key))
 
     def check_serial(self, port: int, dev: UsbDevice, peer: Peer) -> None:
         """The policy's verdict on the serial number of the device attached on ``port``;

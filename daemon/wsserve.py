@@ -155,6 +155,8 @@ class WssListener:
             logger.info("{}: relay for {} ended: {}", srv.name, peer.name, why)
         except ConnectionClosed as exc:
             logger.info("{}: {}: connection closed: {}", srv.name, peer.name, exc)
+        finally:
+            outcome.close()
 
     async def _read_request(self, ws: ServerConnection) -> Request | None:
         dec = RequestDecoder()

@@ -6,6 +6,7 @@ goes over the wire: the reply, or the connection ending without one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -452,3 +453,42 @@ def test_a_bug_in_the_accept_loop_stops_the_server_loudly(logs: list[str]) -> No
         srv._thread.join(5.0)
         assert not srv._thread.is_alive()
     assert any("accept loop failed" in m for m in logs)
+
+
+@pytest.mark.parametrize("handoff", [False, True])
+def test_the_server_closes_every_outcome_it_carried_out(handoff: bool) -> None:
+    released: list[int] = []
+
+    def handler(req: p.Request, peer: Peer) -> Outcome:
+        return Outcome(p.DevlistReply(), (lambda fd, transport: None) if handoff else None,
+                       reply_first=True, release=lambda: released.append(1))
+
+    with LoopbackServer(handler) as srv:
+        assert exchange(srv, DEVLIST_REQ) == EMPTY_DEVLIST
+        srv.wait_for(lambda s: s.active == 0)
+    assert released == [1]
+
+
+def test_the_server_closes_an_outcome_whose_reply_could_not_be_sent() -> None:
+    """The board vanished before its reply: what the handler held for the request (usbipa:
+    the bus id in flight) must not stay held for ever."""
+    released = threading.Event()
+
+    def handler(req: p.Request, peer: Peer) -> Outcome:
+        def handoff(fd: int, transport: str) -> None:
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                sock.settimeout(3.0)
+                with contextlib.suppress(ConnectionResetError):
+                    sock.recv(1)  # wait for the client's RST
+
+        return Outcome(p.DevlistReply(), handoff, release=released.set)
+
+    with LoopbackServer(handler) as srv:
+        c = srv.connect()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.sendall(DEVLIST_REQ)
+        srv.wait_for(lambda s: s.active == 1)
+        c.close()  # SO_LINGER 0: RST
+        assert released.wait(5.0)
+        srv.wait_for(lambda s: s.active == 0)
+        assert srv.server.served == 0

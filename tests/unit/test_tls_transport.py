@@ -229,3 +229,17 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
         assert chunk, "connection ended early"
         buf += chunk
     return buf
+
+
+@pytest.mark.scenario("host_unbound", "vhci_free")
+def test_an_export_over_tls_is_in_flight_only_until_attached(
+        kernel: FakeKernel, usbipa_tls, seen: Pki) -> None:
+    """The reply goes out between usbipa's decision and its attach; once carried out,
+    nothing of the request stays held (the board may export again after a loss)."""
+    srv, spy = usbipa_tls
+    res = export_device(remote(srv, seen), "1-1", HostDriver(kernel.sysfs))
+    assert used_ports(kernel) == [0]
+    srv.wait_for(lambda s: s.active == 0)
+    assert spy.inner.in_flight == set()
+    res.path.relay.kernel_side.close()
+    res.path.relay.network.close()

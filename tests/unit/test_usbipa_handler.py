@@ -482,3 +482,51 @@ def test_usbipd_requests_are_refused_at_usbipa(kernel: FakeKernel, vhci: VhciDri
     assert out.reply.pack() == reply.pack()[:8]  # status only, no body
     assert kernel.writes == []
     assert any("this is usbipa" in m for m in logs)
+
+
+# -- exports in flight: decided, not yet carried out -----------------------------------
+# Over TLS and wss the reply is sent between the decision and the attach, and the
+# event loop serves other connections meanwhile.
+
+def test_a_second_export_of_a_bus_id_in_flight_is_busy(kernel: FakeKernel, vhci: VhciDriver,
+                                                      new_sock, logs: list[str]) -> None:
+    h = UsbipaHandler(vhci)
+    first = h(p.ExportRequest(D11), A)
+    assert first.reply.status == p.Status.ST_OK
+    second = h(p.ExportRequest(D11), Peer(A.host, 40999))  # the same board, again
+    assert second.reply == p.ExportReply(p.Status.ST_DEV_BUSY) and second.handoff is None
+    assert any("from 10.0.0.5: an export of it from this peer is in progress" in m
+               for m in logs)
+    assert h(p.ExportRequest(D11), B).reply.status == p.Status.ST_OK  # another peer's 1-1
+    assert settle(first, new_sock().fileno(), "tls-relay") == first.reply
+    first.close()
+    assert used_ports(kernel) == [0]
+    # Carried out: vhci's state now answers for it, as for any live attachment.
+    assert h(p.ExportRequest(D11), A).reply.status == p.Status.ST_DEV_BUSY
+
+
+def test_exports_in_flight_count_against_the_peers_limit(kernel: FakeKernel,
+                                                         vhci: VhciDriver) -> None:
+    h = UsbipaHandler(vhci, Policy(max_devices_per_peer=1))
+    assert h(p.ExportRequest(D11), A).reply.status == p.Status.ST_OK  # not attached yet
+    assert h(p.ExportRequest(D21), A).reply.status == p.Status.ST_NA
+    assert h(p.ExportRequest(D21), B).reply.status == p.Status.ST_OK
+
+
+@pytest.mark.parametrize("how", ["closed", "refused by the kernel"])
+def test_an_export_that_is_not_carried_out_frees_its_bus_id(
+        kernel: FakeKernel, vhci: VhciDriver, new_sock, how: str) -> None:
+    h = UsbipaHandler(vhci)
+    first = h(p.ExportRequest(D11), A)
+    if how == "closed":
+        first.close()  # the server gave up on it (the reply could not be sent)
+        first.close()  # once is enough; twice is harmless
+    else:
+        refused = new_sock().fileno()
+        kernel.bad_sockfds.add(refused)  # sockfd_lookup says EINVAL
+        assert settle(first, refused, "tls-relay").status == p.Status.ST_DEV_ERR
+    assert used_ports(kernel) == []
+    again = h(p.ExportRequest(D11), A)
+    assert again.reply.status == p.Status.ST_OK
+    assert settle(again, new_sock().fileno(), "tls-relay") == again.reply
+    assert used_ports(kernel) == [0]
