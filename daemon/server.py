@@ -1,13 +1,17 @@
 """The asyncio server shared by usbipd and usbipa.
 
 It listens on one or more URLs (``tcp://`` as the C tools, ``tls://`` for
-mutual TLS).  Each connection carries one request.  The server reads it
-with exact-size reads driven by the codec -- record-exact under TLS -- never
-past the PDU: what follows belongs to the kernel once the socket is handed
-over.  A plain handler function decides (:mod:`usbipx.daemon.serving`); the
-server delivers the reply and the kernel handoff in the order the
-transport needs.  Handlers run on the event loop and handoffs are
-serialised, so two exports never race for the same vhci port.
+mutual TLS, served by :mod:`usbipx.daemon.tlsserve`, and ``wss://``, by
+:mod:`usbipx.daemon.wsserve`).  Each connection carries one request.  The
+server reads it with exact-size reads driven by the codec -- record-exact
+under TLS -- never past the PDU: what follows belongs to the kernel once the
+socket is handed over.  A plain handler function decides
+(:mod:`usbipx.daemon.serving`); the server delivers the reply and the kernel
+handoff in the order the transport needs, and then closes the outcome.
+Handlers run on the event loop.  Over plain TCP the decision, the reply and
+the handoff follow each other with no await between them; over TLS and wss
+the reply is awaited, and the handler holds what it decided until the
+outcome is closed (usbipa: the peer's bus id in flight).
 
 A misbehaving client (junk, truncation, silence, oversize, a failed TLS
 handshake) costs one log line and its connection, never the daemon.  Connections are admitted at
@@ -23,9 +27,7 @@ import asyncio
 import contextlib
 import signal
 import socket
-import ssl
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -42,9 +44,9 @@ from usbipx.tlsengine import TlsError
 from usbipx.url import Endpoint
 
 if TYPE_CHECKING:
+    from usbipx.daemon.tlsserve import TlsServing
     from usbipx.daemon.wsserve import WssListener
     from usbipx.metrics import Metrics
-    from usbipx.tlsengine import TlsEngine
 
 
 @dataclass
@@ -112,7 +114,7 @@ class Server:
         self._wss: list[WssListener] = []
         self._failure: BaseException | None = None
         self._relays: set[threading.Event] = set()
-        self._tls_context: ssl.SSLContext | None = None
+        self._tls: TlsServing | None = None
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -181,7 +183,8 @@ class Server:
             # while userspace still can.
             tune_socket(conn, self.cfg.keepalive)
             if scheme == "tls":
-                kept = await self._serve_tls(conn, peer)
+                assert self._tls is not None
+                kept = await self._tls.serve(conn, peer)
             else:
                 await self._serve_tcp(conn, peer)
         except OSError as exc:
@@ -232,152 +235,6 @@ class Server:
                            "closing it", self.name, peer.name)
             return
         self.served += 1
-
-    async def _serve_tls(self, conn: socket.socket, plain: Peer) -> bool:
-        """Handshake, identity, request, then the reply and the handoff in the order
-        the data path needs.  True if a relay now owns the connection."""
-        from usbipx.identity import peer_identity
-        from usbipx.tlsengine import TlsEngine
-        from usbipx.tlsio import handshake_async, recv_async
-
-        assert self._tls_context is not None
-        loop = asyncio.get_running_loop()
-        engine = TlsEngine(self._tls_context, server_side=True)
-        kept = False
-        try:
-            started = time.monotonic()
-            try:
-                await asyncio.wait_for(handshake_async(loop, conn, engine),
-                                       self.cfg.handshake_timeout)
-                if self.metrics is not None:
-                    self.metrics.handshake.labels("tls").observe(time.monotonic() - started)
-            except (TimeoutError, TlsError) as exc:
-                self.rejected += 1
-                why = (f"no handshake within {self.cfg.handshake_timeout:.0f} s"
-                       if isinstance(exc, TimeoutError) else str(exc))
-                self._log_refusal("tls", plain.host, f"TLS handshake failed: {why}")
-                with contextlib.suppress(OSError):
-                    conn.send(engine.outgoing())  # the alert, if any, tells the peer why
-                return False
-            identity = peer_identity(engine.peercert())
-            refused: str | None = "its certificate names no usable identity"
-            if identity is not None:
-                refused = self.refuse_identity(identity) if self.refuse_identity else None
-            if refused is not None or identity is None:
-                self.rejected += 1
-                self._log_refusal("identity", plain.host, f"refused {identity}: {refused}")
-                return False
-            peer = replace(plain, identity=identity, transport="tls")
-
-            async def read() -> Request | None:
-                dec = RequestDecoder()
-                while (req := dec.next_event()) is None:
-                    dec.receive_data(await recv_async(loop, conn, engine))
-                if dec.pending:
-                    raise ProtocolError("more than one request")
-                return req
-
-            req = await self._request(read(), peer)
-            if req is None or (outcome := self._decide(req, peer)) is None:
-                return False
-            try:
-                if outcome.handoff is None:
-                    await self._send_tls(conn, engine, outcome.reply.pack(), peer)
-                    self.served += 1
-                    return False
-                # No lock across connections: vhci_hcd's attach skips a port another
-                # connection took meanwhile (usbipx.vhci), so handoffs may interleave.
-                kept = await self._tls_handoff(conn, engine, peer, outcome)
-                return kept
-            finally:
-                outcome.close()
-        finally:
-            if not kept:
-                engine.close()
-
-    async def _send_tls(self, conn: socket.socket, engine: TlsEngine, data: bytes,
-                        peer: Peer) -> bool:
-        from usbipx.tlsio import send_async
-
-        try:
-            await asyncio.wait_for(send_async(asyncio.get_running_loop(), conn, engine, data),
-                                   self.cfg.request_timeout)
-        except (TimeoutError, OSError, TlsError) as exc:
-            logger.warning("{}: {}: cannot send reply: {}", self.name, peer.name,
-                           exc or "timed out")
-            return False
-        return True
-
-    async def _tls_handoff(self, conn: socket.socket, engine: TlsEngine, peer: Peer,
-                           outcome: Outcome) -> bool:
-        """Reply and hand off: kernel TLS if it works (reply first), else a relay
-        (handoff first, so that a kernel refusal still reaches the peer)."""
-        from usbipx import ktls
-
-        assert outcome.handoff is not None
-        if self.cfg.data_path == "relay":
-            return await self._relay(conn, engine, peer, outcome, replied=False)
-        if not await self._send_tls(conn, engine, outcome.reply.pack(), peer):
-            return False
-        try:
-            # The ULP first: if the kernel refuses it, the engine still has its
-            # keys and the relay can take over.
-            ktls.attach(conn)
-            tx, rx = engine.kernel_crypto()
-        except ktls.KtlsUnavailable as exc:
-            if self.cfg.data_path == "ktls":
-                logger.error("{}: {}: kernel TLS unavailable: {}", self.name, peer.name, exc)
-                return False
-            logger.info("{}: {}: kernel TLS unavailable ({}); relaying", self.name, peer.name,
-                        exc)
-            return await self._relay(conn, engine, peer, outcome, replied=True)
-        try:
-            ktls.install(conn, tx, rx)
-        except ktls.KtlsUnavailable as exc:
-            logger.error("{}: {}: {}", self.name, peer.name, exc)
-            return False
-        conn.setblocking(True)
-        if outcome.handoff(conn.fileno(), "ktls") is not None:
-            logger.error("{}: {}: the kernel refused the connection after the reply",
-                         self.name, peer.name)
-            return False
-        self.served += 1
-        return False
-
-    async def _relay(self, conn: socket.socket, engine: TlsEngine, peer: Peer,
-                     outcome: Outcome, replied: bool) -> bool:
-        """Hand the kernel a socketpair end and pump the other to the TLS connection."""
-        from usbipx.relay import Relay, relay_pair
-
-        assert outcome.handoff is not None
-        kernel_end, relay_end = relay_pair()
-        try:
-            failed = outcome.handoff(kernel_end.fileno(), "tls-relay")
-        finally:
-            kernel_end.close()  # the kernel holds its own reference
-        if not replied:
-            sent = await self._send_tls(conn, engine, (failed or outcome.reply).pack(), peer)
-            if not sent and failed is None and outcome.undo is not None:
-                outcome.undo()
-                failed = outcome.reply
-        if failed is not None:
-            relay_end.close()
-            return False
-        self.served += 1
-        stop = threading.Event()
-        relay = Relay(relay_end, conn, engine, name=peer.name,
-                      meter=self.metrics.relayed if self.metrics is not None else None)
-
-        def run() -> None:
-            try:
-                why = relay.run(stop)
-            finally:
-                self._relays.discard(stop)
-            logger.info("{}: relay for {} ended: {}", self.name, peer.name, why)
-
-        self._relays.add(stop)
-        threading.Thread(target=run, name=f"relay {peer.name}", daemon=True).start()
-        return True
 
     def _refusal(self, host: str) -> tuple[str, str] | None:
         """(kind, reason) if a connection from ``host`` may not be served now."""
@@ -461,7 +318,9 @@ class Server:
             from usbipx.tlsconf import server_context
 
             assert self.cfg.tls is not None
-            self._tls_context = server_context(self.cfg.tls)
+            from usbipx.daemon.tlsserve import TlsServing
+
+            self._tls = TlsServing(self, server_context(self.cfg.tls))
             if self.cfg.data_path != "relay":
                 ktls.preload()  # the first handoff must not wait for modules to load
         cfg = self.cfg
