@@ -75,7 +75,8 @@ def worker_main(job: Job, conn: Any, parent: int, sysfs: Sysfs, proc: Proc) -> N
             os._exit(0)  # the parent is gone
 
     log.worker_pipe = conn  # see usbipx.log.configure_supervisor
-    worker = Worker(job, lambda state: send(("state", state)), sysfs=sysfs)
+    worker = Worker(job, lambda state: send(("state", state)), sysfs=sysfs,
+                    relayed=lambda net, kernel: send(("relayed", net, kernel)))
     worker.install_signals()
     worker.run()
 
@@ -172,6 +173,11 @@ class ProcessSpawner:
             return
         if msg[0] == "log" and len(msg) == 3:
             logger.bind(export=key, worker=pid).log(msg[1], msg[2])
+        elif msg[0] == "relayed" and len(msg) == 3:
+            if self.sup.metrics is not None:
+                for direction, n in zip(("to_network", "to_kernel"), msg[1:], strict=True):
+                    if type(n) is int and n > 0:  # not a bool, not negative
+                        self.sup.metrics.relayed(direction, n)
         elif msg[0] == "state" and len(msg) == 2 and isinstance(msg[1], dict):
             st = msg[1]
             self.sup.on_report(key, pid, str(st.get("state")), _text(st.get("remote")),

@@ -43,11 +43,13 @@ from usbipx.lease import Lease
 from usbipx.log import logger
 from usbipx.ownership import Owned, OwnershipStore
 from usbipx.procfs import Proc
-from usbipx.remote import Relayer, Remote
+from usbipx.remote import Relayer, RelayStats, Remote
 from usbipx.stubmode.host import HostDriver
 from usbipx.sysfs import Sysfs
 
 Report = Callable[[dict[str, Any]], None]
+Relayed = Callable[[int, int], None]
+"""``relayed(to_network, to_kernel)``: plaintext bytes relayed since the last call."""
 
 
 class Stop(Exception):
@@ -87,9 +89,12 @@ class Worker:
     """
 
     def __init__(self, job: Job, report: Report, sysfs: Sysfs | None = None,
-                 rng: random.Random | None = None, proc: Proc | None = None) -> None:
+                 rng: random.Random | None = None, proc: Proc | None = None,
+                 relayed: Relayed | None = None) -> None:
         self.job = job
         self.report_fn = report
+        self.relayed_fn = relayed
+        """Told the bytes this worker's relay moved since it was last told (metrics)."""
         self.sysfs = sysfs or Sysfs()
         self.opts = job.options
         self.server = job.server
@@ -110,7 +115,9 @@ class Worker:
         """Index of the server (``[server] urls``) that holds, or last held, the export."""
         self.first = 0
         """The server the next export tries first: after a loss, the next one."""
-        self._relay: tuple[threading.Thread, threading.Event] | None = None
+        self._relay: tuple[threading.Thread, threading.Event, Relayer] | None = None
+        self._counted = RelayStats()
+        """What of the running relay's stats :attr:`relayed_fn` has been told."""
         self._last: tuple[str, str | None] | None = None
         self.log = logger.bind(export=job.key)
 
@@ -296,6 +303,7 @@ class Worker:
         assert self.busid is not None
         while True:
             self.sleep(self.opts.poll_interval)
+            self._count_relayed()
             if not self.present():
                 self.log.info("{} unplugged; ending its export", self.busid)
                 self.report(State.WAITING, "device unplugged")
@@ -326,15 +334,28 @@ class Worker:
             self.log.info("relay of {} ended: {}", self.busid, relay.run(stop))
 
         thread = threading.Thread(target=run, name=f"relay {self.busid}", daemon=True)
+        self._counted = RelayStats()
+        self._relay = (thread, stop, relay)
         thread.start()
-        self._relay = (thread, stop)
 
     def _stop_relay(self) -> None:
         if self._relay is not None:
-            thread, stop = self._relay
+            thread, stop, _ = self._relay
             stop.set()
             thread.join(5)
+            self._count_relayed()  # what it moved before it ended
             self._relay = None
+
+    def _count_relayed(self) -> None:
+        """Tell :attr:`relayed_fn` what the relay moved since it was last told: from
+        this thread, on the watch's own beat, so the relay's loop pays nothing."""
+        if self._relay is None or self.relayed_fn is None:
+            return
+        now, told = self._relay[2].stats, self._counted
+        net, kernel = now.to_network - told.to_network, now.to_kernel - told.to_kernel
+        if net or kernel:
+            self._counted = RelayStats(told.to_network + net, told.to_kernel + kernel)
+            self.relayed_fn(net, kernel)
 
     def _unexport(self, local: bool) -> None:
         """Best effort: tell usbipa (frees its port at once), then withdraw locally."""

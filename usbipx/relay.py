@@ -22,10 +22,10 @@ import selectors
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from usbipx.errors import describe_errno
 from usbipx.log import logger
+from usbipx.remote import RelayStats
 from usbipx.tlsengine import TlsClosed, TlsEngine, TlsError
 
 HIGH_WATER = 256 * 1024
@@ -40,14 +40,6 @@ FLUSH_TIMEOUT = 1.0
 KERNEL_CLOSED = "kernel side closed"
 PEER_CLOSED = "peer closed"
 STOPPED = "stopped"
-
-
-@dataclass
-class RelayStats:
-    """Plaintext bytes relayed each way."""
-
-    to_network: int = 0
-    to_kernel: int = 0
 
 
 class _Ended(Exception):

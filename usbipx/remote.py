@@ -75,9 +75,20 @@ class Remote:
         return self.host if self.endpoint.scheme == "tcp" else str(self.endpoint)
 
 
+@dataclass
+class RelayStats:
+    """Plaintext bytes a relay has moved each way."""
+
+    to_network: int = 0
+    to_kernel: int = 0
+
+
 class Relayer(Protocol):
     """What carries an export's data in user space (:class:`~usbipx.relay.Relay`,
     :class:`~usbipx.wslink.WsRelay`): runs until either side ends, then closes both."""
+
+    stats: RelayStats
+    """What it has relayed so far (other threads may read it while it runs)."""
 
     def run(self, stop: threading.Event | None = None) -> str:
         """Relay until either side ends or ``stop`` is set; the reason it ended."""

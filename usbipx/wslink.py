@@ -21,13 +21,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from usbipx.errors import ProtocolError, UsbipError
 from usbipx.log import logger
 from usbipx.protocol import Reply, ReplyDecoder, Request
-from usbipx.remote import KernelPath
+from usbipx.remote import KernelPath, RelayStats
 
 if TYPE_CHECKING:
     from websockets.sync.client import ClientConnection
@@ -42,14 +41,6 @@ WS_CLOSE_TIMEOUT = 2.0
 keepalive the path is dead and this wait is pure delay (websockets' default is
 10 s, which would push loss detection past 20 s); a live peer answers in one
 round trip."""
-
-
-@dataclass
-class WsStats:
-    """Bytes relayed each way."""
-
-    to_network: int = 0
-    to_kernel: int = 0
 
 
 class WsLink:
@@ -122,7 +113,7 @@ class WsRelay:
         self.kernel_side = kernel_side
         self.ws = ws
         self.name = name
-        self.stats = WsStats()
+        self.stats = RelayStats()
         self._why = ""
         self._done = threading.Event()
 

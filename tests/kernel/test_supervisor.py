@@ -58,7 +58,7 @@ class Supervisor:
 
     def __init__(self, tmp: Path, server: str, port: int, exports: list[str],
                  ns: str | None = None, name: str = "sup",
-                 server_section: str | None = None) -> None:
+                 server_section: str | None = None, args: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
         self.sock = str(tmp / f"{name}.sock")
         self.state_dir = str(tmp / "state")  # shared: a restarted supervisor finds its records
@@ -72,7 +72,7 @@ class Supervisor:
         env = dict(os.environ, NOTIFY_SOCKET=self.notify_path, WATCHDOG_USEC="2000000")
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(in_ns(ns, [USBIPX, "supervisor", "run", "-c",
-                                                    str(self.config)]),
+                                                    str(self.config), *args]),
                                          stdout=out, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
         self.notify.settimeout(120)

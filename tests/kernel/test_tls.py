@@ -14,6 +14,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from labkit import (
     assert_vhci_disk_matches,
     creds,
     driver_of,
+    free_tcp_port,
+    in_ns,
     link_cut,
     link_restore,
     make_disk,
@@ -41,6 +44,22 @@ from labkit import (
 
 def tls_daemon(daemons, kind: str, pki: dict[str, Path], *extra: str, cert: str = "server"):
     return daemons(kind, "--listen", "tls://127.0.0.1", *creds(pki, cert), *extra)
+
+
+def relay_bytes(metrics: str) -> dict[str, float]:
+    """``usbipx_relay_bytes_total`` of the supervisor serving metrics at ``metrics``
+    in the board's namespace, by direction (0 for one never counted)."""
+    fetch = ("import sys, urllib.request\n"
+             "print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())")
+    out = subprocess.run(in_ns("board", [sys.executable, "-c", fetch,
+                                         f"http://{metrics}/metrics"]),
+                         capture_output=True, text=True, check=True).stdout
+    got = {"to_network": 0.0, "to_kernel": 0.0}
+    for line in out.splitlines():
+        if line.startswith("usbipx_relay_bytes_total{"):
+            direction = line.split('direction="')[1].split('"')[0]
+            got[direction] = float(line.rsplit(" ", 1)[1])
+    return got
 
 
 def port_transport() -> str:
@@ -247,16 +266,25 @@ def test_supervisor_over_tls_survives_a_cut_link(tmp_path: Path, daemons, pki,
     a = daemons("usbipa", "--listen", "tls://0.0.0.0", *creds(pki, "server-ns"),
                 ns="server")
     d = pki["ca"]
+    metrics = f"127.0.0.1:{free_tcp_port()}"
     sup = Supervisor(
         tmp_path, SERVER_IP, a.port, [f'[[export]]\nbusid = "{busid}"\n'], ns="board",
         server_section=(f'url = "tls://{SERVER_IP}:{a.port}"\ncert = "{d}/board-1.crt"\n'
                         f'key = "{d}/board-1.key"\nca = "{d}/ca.crt"\n'
-                        f'tls_data = "{data_path}"\n'))
+                        f'tls_data = "{data_path}"\n'), args=("--metrics", metrics))
     try:
         key = f"busid:{busid}"
         e = sup.wait_state(key, "exported", 60)
         assert e["transport"] == ("ktls" if data_path == "auto" else "tls-relay"), e
         assert_vhci_disk_matches(data)
+        # The worker is the relay: the supervisor counts what it moved (the disk went
+        # to the network, the commands came from it); kernel TLS relays nothing.
+        if data_path == "relay":  # told on the worker's watch beat
+            counted = wait_for(lambda: (c := relay_bytes(metrics))["to_network"] >= len(data)
+                               and c, 10, 0.5, "the relayed bytes in the metrics")
+            assert counted["to_kernel"] > 0, counted
+        else:
+            assert relay_bytes(metrics) == {"to_network": 0.0, "to_kernel": 0.0}
         link_cut("board")
         t0 = time.monotonic()
         wait_for(lambda: vhci_used_ports() == [], 20, 0.2, "the application side to notice")

@@ -128,3 +128,30 @@ def test_prctl_is_resolved_by_the_spawner_in_the_parent(monkeypatch: pytest.Monk
     spawner = asyncio.run(make())
     assert spawn._prctl is not None
     assert spawner.sysfs.root == Path("/") and spawner.proc.root == Path("/proc")
+
+
+def test_the_spawner_counts_what_relaying_workers_tell(tmp_path: Path) -> None:
+    """A worker's ("relayed", to_network, to_kernel) report feeds the supervisor's
+    usbipx_relay_bytes_total; a malformed one (a killed worker's, or a bug) counts nothing."""
+    from types import SimpleNamespace
+
+    from usbipx.metrics import Metrics
+
+    async def make() -> ProcessSpawner:
+        return ProcessSpawner(asyncio.get_running_loop())
+
+    spawner = asyncio.run(make())
+    metrics = Metrics()
+    spawner.sup = SimpleNamespace(metrics=metrics)  # type: ignore[assignment]
+    for msg in (["relayed", 1000, 200], ["relayed", 24, 0], ["relayed", True, -5],
+                ["relayed", "9", 1.5], ["relayed", 1], ["relayed", 1, 2, 3]):
+        spawner._message("busid:1-1", 4242, msg)
+
+    def count(direction: str) -> float:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        return sum(s.value for f in text_string_to_metric_families(metrics.text())
+                   for s in f.samples if s.name == "usbipx_relay_bytes_total"
+                   and s.labels == {"direction": direction})
+
+    assert (count("to_network"), count("to_kernel")) == (1024, 200)

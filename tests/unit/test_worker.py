@@ -13,6 +13,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from usbipx.gadget.transaction import apply_spec
 from usbipx.gadget.udc import gadget_on_udc
 from usbipx.lease import Lease
 from usbipx.ownership import Owned
+from usbipx.remote import RelayStats
 from usbipx.stubmode.host import HostDriver
 from usbipx.sysfs import Sysfs
 from usbipx.url import Endpoint
@@ -707,3 +709,45 @@ def test_when_no_server_accepts_the_worker_backs_off_and_starts_over(
         w.stop()
     assert "cannot connect" in (w.reports[-2]["error"] or "")
     assert kernel.driver_of("1-1") == "usb"
+
+
+class _Relay:
+    """A relay that moves what the test says, and a last few bytes as it stops."""
+
+    def __init__(self) -> None:
+        self.stats = RelayStats()
+        self.running = threading.Event()
+
+    def run(self, stop: threading.Event | None = None) -> str:
+        self.running.set()
+        assert stop is not None and stop.wait(10)
+        self.stats.to_kernel += 5
+        return "stopped"
+
+
+@pytest.mark.scenario("host_unbound", "vhci_free")
+def test_a_relaying_worker_tells_the_bytes_moved_once_each(ssys: SerialSysfs) -> None:
+    """The supervisor's usbipx_relay_bytes_total counts a relaying worker's traffic:
+    each byte told once, including what moved as the relay ended."""
+    told: list[tuple[int, int]] = []
+    w = worker_mod.Worker(stub_job(1), lambda state: None, ssys,
+                          relayed=lambda net, kernel: told.append((net, kernel)))
+    relay = _Relay()
+    w._start_relay(relay)
+    assert relay.running.wait(5)
+    relay.stats.to_network += 1000
+    relay.stats.to_kernel += 200
+    w._count_relayed()
+    w._count_relayed()  # nothing moved since: nothing told
+    relay.stats.to_network += 24
+    w._count_relayed()
+    w._stop_relay()
+    w._count_relayed()  # no relay any more
+    assert told == [(1000, 200), (24, 0), (0, 5)]
+    # A new relay is counted from its own zero.
+    second = _Relay()
+    w._start_relay(second)
+    assert second.running.wait(5)
+    second.stats.to_network += 7
+    w._stop_relay()
+    assert told[3:] == [(7, 5)]
