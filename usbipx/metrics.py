@@ -21,6 +21,7 @@ metric                                 labels   what
 ``usbipx_worker_restarts_total``                supervisor: workers started again
 ``usbipx_workers``                     state    supervisor: exports in each state
 ``usbipx_relay_bytes_total``           direction  plaintext relayed ``to_network`` / ``to_kernel``
+                                                (the supervisor: by its relaying workers)
 =====================================  =======  ================================================
 
 A peer is its certificate identity over TLS and wss, its IP address over plain
