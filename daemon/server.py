@@ -315,11 +315,10 @@ class Server:
                               "(or USBIPX_CERT, USBIPX_KEY, USBIPX_CA)")
         if any(ep.scheme == "tls" for ep in self.cfg.listen):
             from usbipx import ktls
+            from usbipx.daemon.tlsserve import TlsServing
             from usbipx.tlsconf import server_context
 
             assert self.cfg.tls is not None
-            from usbipx.daemon.tlsserve import TlsServing
-
             self._tls = TlsServing(self, server_context(self.cfg.tls))
             if self.cfg.data_path != "relay":
                 ktls.preload()  # the first handoff must not wait for modules to load

@@ -58,7 +58,7 @@ class PortStatus(IntEnum):
 
 
 class VhciPort(NamedTuple):
-    """One line of vhci_hcd's ``status`` (a tuple: cheap to make, 128 per reading)."""
+    """One line of vhci_hcd's ``status`` (a tuple: cheap to make, one per port)."""
 
     port: int
     hub: str
