@@ -370,8 +370,13 @@ def flood(port: int, valid: list[bytes], count: int, seed: int = 1234,
         batch = []
         for _ in range(20):
             s = socket.create_connection(("127.0.0.1", port))
-            s.sendall(junk_pdu(rng, valid))
-            s.shutdown(socket.SHUT_WR)  # EOF: the server must not wait for more
+            # The server may have rejected the junk and closed already, and a
+            # close with our bytes unread resets the connection: that is a fine
+            # answer to junk, so a failed send or shutdown is not the test's
+            # concern (the leak and still-serving checks are).
+            with contextlib.suppress(OSError):
+                s.sendall(junk_pdu(rng, valid))
+                s.shutdown(socket.SHUT_WR)  # EOF: the server must not wait for more
             batch.append(s)
             sent += 1
         for s in batch:
