@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,11 +11,11 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import typer
 
 from usbipx.errors import UsbipError, ValidationError
-from usbipx.net import DEFAULT_KEEPALIVE, USBIP_PORT, Keepalive
 from usbipx.sysfs import Sysfs
-from usbipx.url import parse_endpoint
+from usbipx.url import USBIP_PORT, parse_endpoint
 
 if TYPE_CHECKING:
+    from usbipx.net import Keepalive
     from usbipx.remote import DataPath, Remote
     from usbipx.tlsconf import TlsFiles
 
@@ -74,6 +73,8 @@ def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
 
 def emit_json(data: Any) -> None:
     """Write ``data`` as indented JSON on stdout."""
+    import json
+
     json.dump(data, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
 
@@ -86,6 +87,8 @@ KEEPALIVE_HELP = (
 
 def keepalive(text: str | None) -> Keepalive:
     """The --keepalive option's value, or the defaults."""
+    from usbipx.net import DEFAULT_KEEPALIVE, Keepalive
+
     return Keepalive.parse(text) if text else DEFAULT_KEEPALIVE
 
 

@@ -70,11 +70,11 @@ from usbipx.deviceid import MAX_SERIAL, is_serial
 from usbipx.errors import ConfigError, UsbipError, ValidationError
 from usbipx.gadget.spec import GadgetSpec, load_spec
 from usbipx.names import is_vudc_busid, validate_busid
-from usbipx.net import DEFAULT_KEEPALIVE, USBIP_PORT, Keepalive
+from usbipx.net import DEFAULT_KEEPALIVE, Keepalive
 from usbipx.remote import DEFAULT_PING, DataPath, Remote
 from usbipx.tlsconf import TlsFiles
 from usbipx.tomlfile import read_toml, toml_int, toml_number
-from usbipx.url import Endpoint, Scheme, parse_endpoint
+from usbipx.url import USBIP_PORT, Endpoint, Scheme, parse_endpoint
 
 ExportKind = Literal["busid", "match", "gadget"]
 

@@ -15,7 +15,6 @@ it is (a daemon, a test), every record goes to loguru, which filters.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 from typing import Any
@@ -119,6 +118,8 @@ worker_pipe: Any = None
 
 
 def _forward(message: Any) -> None:
+    import json  # the worker's parent imported it: no cost after the fork
+
     r = message.record
     # A gone parent is no error here: the worker follows it (PR_SET_PDEATHSIG).
     with contextlib.suppress(OSError, AttributeError):

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 from usbipx.errors import ProtocolError, UsbipError, ValidationError
 from usbipx.protocol import Reply, ReplyDecoder, Request
-
-USBIP_PORT = 3240
+from usbipx.url import USBIP_PORT
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,25 @@ def import_path(module: str) -> float:
     return statistics.median(runs)
 
 
+def imports_as_run(argv: list[str]) -> float:
+    """Seconds a whole command spends importing, its run-time imports included:
+    the top-level ``-X importtime`` entries from the first usbipx module on."""
+    runs = []
+    for _ in range(RUNS):
+        err = subprocess.run([PYTHON, "-X", "importtime", USBIPX, *argv], capture_output=True,
+                             text=True).stderr
+        total, ours = 0, False
+        for line in err.splitlines():
+            if not line.startswith("import time:") or "|" not in line:
+                continue
+            _, cumulative, name = line[12:].split("|")
+            ours = ours or name.strip().startswith("usbipx")
+            if ours and cumulative.strip().isdigit() and not name.startswith("  "):
+                total += int(cumulative)
+        runs.append(total / 1e6)
+    return statistics.median(runs)
+
+
 def top_imports(module: str, n: int = 6) -> list[tuple[int, str]]:
     """The ``n`` imports of the first two levels with the largest cumulative time (µs)."""
     code = f"import usbipx.cli.app, {module}"
@@ -74,6 +93,11 @@ def main() -> int:
         print(f"  import path of {command}: median {took * 1000:.0f} ms   (goal <= 50 ms)")
         print("    heaviest: " + ", ".join(f"{name} {us / 1000:.1f} ms"
                                            for us, name in top_imports(module, 8)))
+    # A bus id that does not exist: connect imports what it runs with, then stops
+    # at its first look at the kernel (this host may not have usbip-host loaded).
+    took = imports_as_run(["connect", "-r", "127.0.0.1", "-b", "99-99"])
+    print(f"  connect as run, until its first kernel check: median {took * 1000:.0f} ms of "
+          "imports (the import path of connect and what it imports when it runs)")
     return 0
 
 

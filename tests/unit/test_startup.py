@@ -57,6 +57,13 @@ def test_the_client_path_stays_light(tmp_path, args: list[str]) -> None:
     assert not mods & others, sorted(mods & others)
 
 
+@pytest.mark.parametrize("args", [["--help"], ["connect", "--help"], ["list", "-l"]])
+def test_what_makes_no_connection_loads_no_wire_codec(tmp_path, args: list[str]) -> None:
+    """The USB/IP codec, sockets and JSON come with the command that uses them."""
+    wire = loaded(tmp_path, *args) & {"usbipx.protocol", "usbipx.net", "socket", "json"}
+    assert not wire, sorted(wire)
+
+
 def test_the_listed_help_is_each_commands_own() -> None:
     """The lazy table's one-line help cannot drift from the command's docstring."""
     from typer.main import get_command
