@@ -55,6 +55,22 @@ def _set_pdeathsig(sig: int) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
+def preload(job: Job) -> None:
+    """Import in the parent what ``job``'s worker would import after the fork.
+
+    A module imported in a worker is that worker's own memory; imported in the
+    parent before the fork, it is shared copy-on-write by every worker.
+    """
+    # Every worker resolves its server: socket encodes a str host with the idna
+    # codec, which imports stringprep and unicodedata on first use.
+    import encodings.idna  # noqa: F401
+
+    if job.spec.gadget is not None:
+        # A vUDC worker builds its gadget with the plan (loaded lazily elsewhere,
+        # so that gadget-less commands stay light).
+        import usbipx.gadget.transaction  # noqa: F401
+
+
 def worker_main(job: Job, conn: Any, parent: int, sysfs: Sysfs, proc: Proc) -> None:
     """Entry point of a worker process (runs in the forked child).
 
@@ -127,6 +143,7 @@ class ProcessSpawner:
 
     def spawn(self, job: Job) -> int:
         """Fork a worker for ``job``; return its pid."""
+        preload(job)
         r, w = self.ctx.Pipe(duplex=False)
         # Objects alive now are shared with the child copy-on-write; frozen,
         # the garbage collector does not touch (and so copy) their pages.
