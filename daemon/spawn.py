@@ -22,7 +22,7 @@ import signal
 import stat
 from typing import Any
 
-from usbipx import log
+from usbipx import log, transport
 from usbipx.daemon.supervisor import Job, Supervisor
 from usbipx.daemon.worker import Worker
 from usbipx.log import logger
@@ -61,10 +61,8 @@ def preload(job: Job) -> None:
     A module imported in a worker is that worker's own memory; imported in the
     parent before the fork, it is shared copy-on-write by every worker.
     """
-    # Every worker resolves its server: socket encodes a str host with the idna
-    # codec, which imports stringprep and unicodedata on first use.
-    import encodings.idna  # noqa: F401
-
+    for endpoint in job.server.endpoints:
+        transport.preload(endpoint)
     if job.spec.gadget is not None:
         # A vUDC worker builds its gadget with the plan (loaded lazily elsewhere,
         # so that gadget-less commands stay light).

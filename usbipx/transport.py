@@ -33,6 +33,7 @@ from usbipx.remote import KernelPath, Remote
 
 if TYPE_CHECKING:
     from usbipx.tlsengine import TlsEngine
+    from usbipx.url import Endpoint
     from usbipx.wslink import WsLink
 
 class Link:
@@ -116,6 +117,25 @@ class Link:
         reference.  A relay's connection is the relay's to close."""
         if not self.relayed:
             self.sock.close()
+
+
+def preload(endpoint: Endpoint) -> None:
+    """Import now what reaching ``endpoint`` imports on first use.
+
+    The imports stay lazy so that a plain TCP command loads no TLS; a supervisor
+    calls this before forking, so that its workers share these modules instead
+    of each importing its own copy.
+    """
+    # socket encodes a str host with the idna codec, which imports stringprep
+    # and unicodedata on first use.
+    import encodings.idna  # noqa: F401
+
+    if endpoint.scheme == "wss":
+        import usbipx.wslink
+    elif endpoint.secure:
+        import usbipx.relay
+        import usbipx.tlsconf
+        import usbipx.tlsio  # noqa: F401
 
 
 def open_link(remote: Remote) -> Link | WsLink:

@@ -163,22 +163,31 @@ from usbipx.daemon import spawn
 from supervisor_helpers import OPTIONS, busid, gadget
 from usbipx.daemon.config import ServerSpec
 from usbipx.daemon.supervisor import Job
-spec = gadget("g") if sys.argv[1] == "gadget" else busid("1-1")
-job = Job(spec.key, spec, spec.busid, ServerSpec("10.0.0.1", 3240), OPTIONS)
+kind, scheme = sys.argv[1:]
+spec = gadget("g") if kind == "gadget" else busid("1-1")
+job = Job(spec.key, spec, spec.busid, ServerSpec("10.0.0.1", 3240, scheme=scheme), OPTIONS)
 before = set(sys.modules)
 spawn.preload(job)
 print(" ".join(sorted(set(sys.modules) - before)))
 """
 
+GADGET = {"usbipx.gadget.plan", "usbipx.gadget.steps", "usbipx.gadget.transaction"}
+TLS = {"usbipx.tlsio", "usbipx.tlsengine", "usbipx.tlsrecord", "usbipx.ktls", "usbipx.relay"}
 
-@pytest.mark.parametrize("kind", ["busid", "gadget"])
-def test_the_parent_loads_what_a_worker_would_import_after_the_fork(kind: str) -> None:
+
+@pytest.mark.parametrize(("kind", "scheme"), [("busid", "tcp"), ("gadget", "tcp"),
+                                              ("busid", "tls"), ("busid", "wss")])
+def test_the_parent_loads_what_a_worker_would_import_after_the_fork(kind: str,
+                                                                    scheme: str) -> None:
     """A module a worker imports is that worker's own memory; loaded in the parent
     before the fork it is shared.  Traced in the lab, every worker imported the
-    idna codec (socket encodes a str host with it) and vUDC workers the gadget plan."""
-    out = subprocess.run([sys.executable, "-c", PRELOAD_PROBE, kind], capture_output=True,
-                         text=True, timeout=60, cwd=Path(__file__).parent, check=True)
+    idna codec (socket encodes a str host with it), vUDC workers the gadget plan
+    and TLS workers the TLS engine and the relay."""
+    out = subprocess.run([sys.executable, "-c", PRELOAD_PROBE, kind, scheme],
+                         capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).parent, check=True)
     loaded = set(out.stdout.split())
     assert {"encodings.idna", "stringprep", "unicodedata"} <= loaded, out.stdout
-    gadget = {"usbipx.gadget.plan", "usbipx.gadget.steps", "usbipx.gadget.transaction"}
-    assert (gadget <= loaded) == (kind == "gadget"), out.stdout
+    assert (loaded >= GADGET) == (kind == "gadget"), out.stdout
+    assert (loaded >= TLS) == (scheme == "tls"), out.stdout
+    assert ("usbipx.wslink" in loaded) == (scheme == "wss"), out.stdout
