@@ -131,7 +131,9 @@ def preload(endpoint: Endpoint) -> None:
     import encodings.idna  # noqa: F401
 
     if endpoint.scheme == "wss":
-        import usbipx.wslink
+        from usbipx import wslink
+
+        wslink.preload()
     elif endpoint.secure:
         import usbipx.relay
         import usbipx.tlsconf

@@ -171,6 +171,16 @@ class WsRelay:
         return self._why
 
 
+def preload() -> None:
+    """Import now what :func:`open_wss` and a :class:`WsLink` import on first use
+    (see :func:`usbipx.transport.preload`)."""
+    import websockets.exceptions
+    import websockets.sync.client  # noqa: F401
+
+    import usbipx.relay
+    import usbipx.tlsconf  # noqa: F401
+
+
 def open_wss(remote: Remote) -> WsLink:
     """Dial ``remote`` (a ``wss://`` endpoint): proxy, TLS, WebSocket upgrade."""
     from websockets.exceptions import (
