@@ -110,7 +110,10 @@ class _ContextLog:
         self.users -= 1
         if self.users <= 0 and self.current():
             self.users = 0
-            os.ftruncate(self.fd, 0)
+            # Housekeeping only (every line is zeroed already), and this runs from
+            # engines' finalizers too, where an error could only print.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)
 
 
 def _unhex(text: bytes) -> bytes:
