@@ -335,9 +335,10 @@ def bench_concurrent(rounds: int) -> None:
               f"16 concurrent {cli_all:.2f} s (median of {rounds}; all succeeded)")
         result("16 CLI connects usable / one CLI", f"{cli_all / cli_one:.2f}x", "<= 3x")
         typer_cpu = typer_start()[1]
-        least = (statistics.median(cpu["all_u"]) + 16 * typer_cpu) / NCPU
+        all_cpu = statistics.median(cpu["all_u"])
+        least = (all_cpu + 16 * typer_cpu) / NCPU
         print(f"  the least 16 typer CLIs can take here: the in-process 16-way's "
-              f"{statistics.median(cpu['all_u']):.1f} CPU-s + 16 x {typer_cpu:.2f} CPU-s "
+              f"{all_cpu:.1f} CPU-s + 16 x {typer_cpu:.2f} CPU-s "
               f"(interpreter + import typer) on {NCPU} CPUs = {least:.1f} s, "
               f"{least / cli_one:.1f}x one CLI")
         hog = subprocess.Popen(["python3", "-c", "import os\nos.sched_setaffinity(0, {0})\n"

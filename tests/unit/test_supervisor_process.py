@@ -181,7 +181,7 @@ def test_the_parent_loads_what_a_worker_would_import_after_the_fork(kind: str,
                                                                     scheme: str) -> None:
     """A module a worker imports is that worker's own memory; loaded in the parent
     before the fork it is shared.  Traced in the lab, every worker imported the
-    idna codec (socket encodes a str host with it), vUDC workers the gadget plan
+    idna codec (socket encodes a str host with it), vUDC workers the gadget plan,
     TLS workers the TLS engine and the relay, and wss workers websockets."""
     out = subprocess.run([sys.executable, "-c", PRELOAD_PROBE, kind, scheme],
                          capture_output=True, text=True, timeout=60,
